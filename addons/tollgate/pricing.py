@@ -1,0 +1,333 @@
+"""The cost in USD of one request: the policy's `budgeting.costs` overrides first, then genai-prices.
+
+genai-prices is used only through its bundled data snapshot. Its one network path is `UpdatePrices`
+(a background fetcher that must be started explicitly); tollgate never starts it, so prices never change
+under a running gateway and nothing is fetched.
+
+Costs are quantized to 1e-9 USD (a nano-dollar, ROUND_HALF_EVEN): the cheapest per-token prices are around
+1e-8 USD, so per-request precision is kept, and half-even rounding does not drift when the ledger sums
+millions of rows.
+
+Hot path: `calc_price` costs ~100 µs (model matching plus generic unit decomposition). `cost()` instead
+resolves a (prices id, model) to genai-prices' `ModelInfo` once, reduces each `ModelPrice` it meets to the
+rate of each token kind our `Usage` can carry, and multiplies. tests/unit/test_pricing.py checks that this
+equals `calc_price` for every model in the snapshot, tiered prices included.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from genai_prices import data_snapshot
+from genai_prices import types as gp
+from genai_prices.decompose import is_descendant_or_self
+from genai_prices.units import _get_registry  # the registry calc_price itself uses
+from genai_prices.validation import validate_priced_units
+
+from .usage import Usage
+
+logger = logging.getLogger("tollgate.pricing")
+
+QUANTUM = Decimal("1e-9")
+_PER_1K = Decimal(1000)
+_CACHE_MAX = 4096  # bounds every memo: model names come from clients, so a flood of new ones must not grow memory
+
+# Override fields, USD per 1K tokens. cache_read_token is an alias of cached_input_token.
+_FIELDS = ("input_token", "output_token", "cached_input_token", "cache_write_token")
+_ALIASES = {"cache_read_token": "cached_input_token"}
+_REQUIRED = ("input_token", "output_token")
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """One `budgeting.costs` entry, USD per 1K tokens."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+
+    def cost(self, u: Usage) -> Decimal:
+        # input_tokens includes cache reads and writes: price each part once, at its own rate.
+        # Reasoning is part of output_tokens and has no rate of its own here.
+        uncached, cached, written, visible, reasoning = _counts(u)
+        return (
+            uncached * self.input
+            + cached * self.cached_input
+            + written * self.cache_write
+            + (visible + reasoning) * self.output
+        ) / _PER_1K
+
+
+def parse_rate(value: object, path: str) -> Decimal:
+    """A price from YAML as an exact Decimal (via str, so 0.00015 stays 0.00015, not its binary float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{path}: must be a number (USD per 1K tokens), got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{path}: must be a finite number >= 0, got {value!r}")
+    return Decimal(str(value))
+
+
+def parse_rates(entry: object, path: str) -> Rates:
+    """One override entry; cached and cache-write rates default to the input rate."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{path}: must be a mapping like {{input_token: 0.00015, output_token: 0.0006}}")
+    fields: dict[str, Decimal] = {}
+    for name, value in entry.items():
+        canonical = _ALIASES.get(name, name)
+        if canonical not in _FIELDS:
+            allowed = ", ".join((*_FIELDS, *_ALIASES))
+            raise ValueError(f"{path}.{name}: unknown field (allowed: {allowed})")
+        if canonical in fields:
+            raise ValueError(f"{path}.{name}: given twice (cache_read_token is cached_input_token)")
+        fields[canonical] = parse_rate(value, f"{path}.{name}")
+    for name in _REQUIRED:
+        if name not in fields:
+            raise ValueError(f"{path}.{name}: missing (USD per 1K tokens)")
+    return Rates(
+        input=fields["input_token"],
+        output=fields["output_token"],
+        cached_input=fields.get("cached_input_token", fields["input_token"]),
+        cache_write=fields.get("cache_write_token", fields["input_token"]),
+    )
+
+
+def parse_costs(costs: Mapping[str, object] | None, path: str = "budgeting.costs") -> dict[str, Rates]:
+    """Validate the whole `budgeting.costs` section: keys are "provider:model", globs allowed."""
+    parsed: dict[str, Rates] = {}
+    for key, entry in (costs or {}).items():
+        if not isinstance(key, str) or ":" not in key:
+            raise ValueError(f"{path}.{key}: key must be 'provider:model' (globs allowed, e.g. 'openai:gpt-4o*')")
+        parsed[key.lower()] = parse_rates(entry, f"{path}.{key}")
+    return parsed
+
+
+class _Overrides:
+    """Exact keys win; among globs the longest (most specific) pattern wins, ties by order in the file."""
+
+    def __init__(self, rates: dict[str, Rates]):
+        self.exact = {k: r for k, r in rates.items() if not _is_glob(k)}
+        globs = sorted((k for k in rates if _is_glob(k)), key=len, reverse=True)  # stable: file order on ties
+        self.globs = [(re.compile(fnmatch.translate(k)).match, rates[k]) for k in globs]
+        self.memo: dict[str, Rates | None] = {}
+
+    def find(self, target: str) -> Rates | None:
+        try:
+            return self.memo[target]
+        except KeyError:
+            pass
+        found = self.exact.get(target)
+        if found is None:
+            found = next((r for match, r in self.globs if match(target)), None)
+        _bounded_put(self.memo, target, found)
+        return found
+
+
+def _is_glob(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+# ------------------------------------------------------------------------------------------ genai-prices
+
+# Our Usage, as genai-prices usage keys. Both count cache reads/writes inside input_tokens and reasoning
+# inside output_tokens; genai-prices subtracts a sub-kind from its parent only when the model prices it.
+_KINDS = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "output_reasoning_tokens")
+_Price = Decimal | gp.TieredPrices
+
+
+@dataclass(frozen=True, slots=True)
+class _Reduced:
+    """A ModelPrice reduced to what our Usage can carry.
+
+    With only _KINDS reported, genai-prices' leaf decomposition puts every token of a kind at the price of
+    the most specific priced unit that contains it (a cache read falls back to the input price when the
+    model has no cache-read price); every other unit (audio, web searches...) counts zero, except the
+    flat per-request price, which counts one.
+    """
+
+    model_price: gp.ModelPrice  # held so the id() key in _REDUCED stays valid
+    kinds: tuple[tuple[_Price, int] | None, ...]  # (price, per), aligned with _KINDS
+    per_request: tuple[_Price, int] | None
+
+
+def _reduce(mp: gp.ModelPrice) -> _Reduced:
+    registry = _get_registry()
+    priced = gp._collect_resolved_model_prices(mp, registry)  # same resolution calc_price does
+    validate_priced_units(tuple(unit for unit, _ in priced), registry)  # calc_price would raise too
+    kinds = []
+    for key in _KINDS:
+        unit = registry.units[key]
+        holders = [(u, p) for u, p in priced if is_descendant_or_self(u, unit)]
+        best = max(holders, key=lambda up: len(up[0].dimensions), default=None)
+        kinds.append((best[1], best[0].per) if best else None)
+    per_request = next(((p, u.per) for u, p in priced if u.usage_key == "requests"), None)
+    return _Reduced(mp, tuple(kinds), per_request)
+
+
+def _at(price: _Price, input_total: int) -> Decimal:
+    """genai-prices' threshold tiers: past a tier's start, *all* tokens pay that tier's price."""
+    if isinstance(price, Decimal):
+        return price
+    for tier in reversed(price.tiers):
+        if input_total > tier.start:
+            return tier.price
+    return price.base
+
+
+def _counts(u: Usage) -> tuple[int, ...]:
+    """Exclusive counts per _KINDS, made consistent (input >= cached + cache-write, output >= reasoning).
+
+    A provider or adapter reporting more cached than total input would make calc_price raise; charging at
+    least what was reported is the safer reading.
+    """
+    cached, written, reasoning = max(u.cached_input_tokens, 0), max(u.cache_write_tokens, 0), max(u.reasoning_tokens, 0)
+    input_total = max(u.input_tokens, cached + written)
+    output_total = max(u.output_tokens, reasoning)
+    return input_total - cached - written, cached, written, output_total - reasoning, reasoning
+
+
+def _reduced_cost(r: _Reduced, counts: tuple[int, ...]) -> Decimal:
+    input_total = counts[0] + counts[1] + counts[2]
+    total = Decimal(0)
+    for kind, count in zip(r.kinds, counts):
+        if kind is not None and count:
+            price, per = kind
+            total += _at(price, input_total) * count / per
+    if r.per_request is not None:
+        price, per = r.per_request
+        total += _at(price, input_total) / per
+    return total
+
+
+_Resolved = tuple[gp.Provider, gp.ModelInfo]
+# Shared by all Pricer instances (a policy reload builds a new Pricer; genai-prices' data does not change).
+_RESOLVED: dict[tuple[str | None, str], _Resolved | None] = {}
+_REDUCED: dict[int, _Reduced] = {}
+_snapshot: data_snapshot.DataSnapshot | None = None
+
+
+def _resolve(prices_id: str | None, model: str) -> _Resolved | None:
+    """genai-prices' own lookup (provider by id, or guessed from the model name), memoized, misses too."""
+    global _snapshot
+    snap = data_snapshot.get_snapshot()
+    if snap is not _snapshot:  # someone swapped the snapshot: every memo is stale
+        _RESOLVED.clear()
+        _REDUCED.clear()
+        _snapshot = snap
+    key = (prices_id, model.lower())
+    try:
+        return _RESOLVED[key]
+    except KeyError:
+        pass
+    found = _lookup(snap, prices_id, key[1])
+    _bounded_put(_RESOLVED, key, found)
+    return found
+
+
+def _lookup(snap: data_snapshot.DataSnapshot, prices_id: str | None, ref: str) -> _Resolved | None:
+    """DataSnapshot.find_provider_model, minus its per-name caches, which grow without bound on the
+    model names clients invent; _RESOLVED (bounded) caches instead."""
+    if prices_id is not None:
+        provider = data_snapshot.find_provider_by_id(snap.providers, prices_id)
+    else:
+        provider = next((p for p in snap.providers if p.model_match and p.model_match.is_match(ref)), None)
+    info = provider.find_model(ref, all_providers=snap.providers) if provider else None
+    return (provider, info) if provider and info else None
+
+
+def _model_price(info: gp.ModelInfo) -> gp.ModelPrice:
+    if isinstance(info.prices, gp.ModelPrice):
+        return info.prices
+    return info.get_prices(datetime.now(tz=UTC))  # dated or time-of-day prices: pick the one active now
+
+
+def _genai_cost(prices_id: str | None, model: str, u: Usage) -> Decimal | None:
+    resolved = _resolve(prices_id, model)
+    if resolved is None:
+        return None
+    mp = _model_price(resolved[1])
+    reduced = _REDUCED.get(id(mp))
+    if reduced is None or reduced.model_price is not mp:
+        try:
+            reduced = _reduce(mp)
+        except ValueError:  # invalid price data in the snapshot; calc_price raises on it as well
+            return None
+        _bounded_put(_REDUCED, id(mp), reduced)
+    return _reduced_cost(reduced, _counts(u))
+
+
+def genai_usage(u: Usage) -> object:
+    """Our Usage as genai-prices' Usage (for calc_price and tests); same conventions, after _counts."""
+    from genai_prices import Usage as GenaiUsage
+
+    uncached, cached, written, visible, reasoning = _counts(u)
+    return GenaiUsage(
+        input_tokens=uncached + cached + written,
+        cache_read_tokens=cached,
+        cache_write_tokens=written,
+        output_tokens=visible + reasoning,
+        output_reasoning_tokens=reasoning,
+    )
+
+
+def _bounded_put(memo: dict, key: object, value: object) -> None:
+    if len(memo) >= _CACHE_MAX:
+        memo.clear()
+    memo[key] = value
+
+
+# ------------------------------------------------------------------------------------------------ Pricer
+
+
+class Pricer:
+    """Prices requests. Build one per loaded policy; cost() is cheap enough for the event loop."""
+
+    def __init__(self, overrides: Mapping[str, Mapping[str, float]] | None = None):
+        self._overrides = _Overrides(parse_costs(overrides))
+        self._warned: set[tuple[str, str | None]] = set()
+        data_snapshot.get_snapshot()  # load the bundled table (~0.3 s, once per process) now, not mid-request
+
+    def cost(self, provider: str, prices_id: str | None, model: str | None, usage: Usage) -> Decimal | None:
+        """USD for one request, or None (cost_usd NULL) when neither the policy nor genai-prices knows the model."""
+        rates = self._overrides.find(f"{provider}:{model or ''}".lower())
+        if rates is not None:
+            return rates.cost(usage).quantize(QUANTUM, ROUND_HALF_EVEN)
+        total = None
+        if model:
+            try:
+                total = _genai_cost(prices_id, model, usage)
+            except Exception:  # never let pricing fail a request; the ledger row just has no cost
+                logger.exception("pricing %s model %r failed", provider, model[:200])
+        if total is None:
+            self._warn_unknown(provider, prices_id, model)
+            return None
+        return total.quantize(QUANTUM, ROUND_HALF_EVEN)
+
+    def known_models(self, prices_id: str) -> list[str]:
+        """The model ids genai-prices has prices for under this provider (empty when it has none)."""
+        provider = data_snapshot.find_provider_by_id(data_snapshot.get_snapshot().providers, prices_id)
+        return [m.id for m in provider.models] if provider else []
+
+    def _warn_unknown(self, provider: str, prices_id: str | None, model: str | None) -> None:
+        key = (provider, model)
+        if key in self._warned:
+            return
+        if len(self._warned) >= _CACHE_MAX:  # bounded like the memos; a flood of names may warn again
+            self._warned.clear()
+        self._warned.add(key)
+        logger.warning(
+            "no price for provider %s model %r (genai-prices provider %r): cost_usd left NULL; "
+            "add it under budgeting.costs to price it",
+            provider,
+            (model or "")[:200],
+            prices_id,
+        )
