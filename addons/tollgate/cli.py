@@ -1,0 +1,589 @@
+"""The `tollgate` command: run the gateway, manage virtual keys, read the ledger.
+
+Every command takes ``--policy FILE`` (default ``$TOLLGATE_POLICY``, else ``./policies.yaml``); the policy's
+``analytics.database`` names the DuckDB file. Data commands open the file only for as long as they need it and
+retry for a few seconds while the running gateway holds it (it does so for milliseconds per batch).
+
+`run`, `web` and `env` live in :mod:`tollgate.launch`, imported only when used so `tollgate keys list` does not
+pay for importing mitmproxy.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, TextIO
+
+import duckdb
+
+from . import keys as vkeys
+from .ledger import LedgerError, connect
+
+DEFAULT_POLICY = "policies.yaml"
+DEFAULT_DATABASE = "usage.duckdb"
+LOCK_WAIT = 5.0  # seconds a command waits for the file before giving up
+
+
+class CliError(Exception):
+    """A message for the user; main() prints it and exits 1."""
+
+
+# --- the policy, read minimally (to be replaced by the real policy loader) -------------------------------------
+
+
+def _policy_raw(policy_file: str) -> dict:
+    """The policy as plain YAML data; {} if the file does not exist."""
+    try:
+        with open(policy_file, encoding="utf-8") as f:
+            import yaml  # here, not at module top: only commands that need the policy pay for it
+
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise CliError(f"{policy_file}: cannot read: {exc.strerror}") from None
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise CliError(f"{policy_file}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CliError(f"{policy_file}: expected a mapping of sections at the top level")
+    return data
+
+
+def _section(data: dict, policy_file: str, *path: str) -> Any:
+    node: Any = data
+    for i, key in enumerate(path):
+        if node is None:
+            return None
+        if not isinstance(node, dict):
+            raise CliError(f"{policy_file}: {'.'.join(path[:i])} must be a mapping")
+        node = node.get(key)
+    return node
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+
+def _expand(value: str, policy_file: str, where: str) -> str:
+    def sub(m: re.Match) -> str:
+        if m[1] in os.environ:
+            return os.environ[m[1]]
+        if m[2] is not None:
+            return m[3]
+        raise CliError(f"{policy_file}: {where}: environment variable {m[1]} is not set")
+
+    return _VAR.sub(sub, value)
+
+
+def db_path_from_policy(policy_file: str) -> str:
+    """The ledger's file path from the policy's ``analytics.database``.
+
+    Accepted forms: a path (``usage.duckdb``), ``duckdb:///usage.duckdb`` and, because the product brief's
+    example says so, ``sqlite:///usage.db``. tollgate only writes DuckDB, so a sqlite URL is read as "a ledger
+    file named like that": the same path with a ``.duckdb`` suffix (``usage.duckdb``), which keeps an actual
+    SQLite file of that name untouched. URLs follow SQLAlchemy's convention (``scheme:///rel/path``,
+    ``scheme:////abs/path``). Relative paths are relative to the policy file's folder, so the gateway and the
+    CLI agree whatever the current directory. A missing policy file means the default, ``usage.duckdb`` beside
+    where the policy would be.
+    """
+    data = _policy_raw(policy_file)
+    value = _section(data, policy_file, "analytics", "database")
+    if value is None:
+        value = DEFAULT_DATABASE
+    if not isinstance(value, str) or not value.strip():
+        raise CliError(f"{policy_file}: analytics.database must be a file path such as usage.duckdb")
+    path = _expand(value.strip(), policy_file, "analytics.database")
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        scheme = scheme.lower()
+        if scheme not in ("duckdb", "sqlite", "sqlite3"):
+            raise CliError(
+                f"{policy_file}: analytics.database: {scheme}:// is not supported; the ledger is a DuckDB file"
+                " (write a path such as usage.duckdb)"
+            )
+        path = rest[1:] if rest.startswith("/") else rest
+        if scheme != "duckdb":  # same rule as tollgate.policy.database_path: the suffix becomes .duckdb
+            path = os.path.splitext(path)[0] + ".duckdb"
+        if not path:
+            raise CliError(f"{policy_file}: analytics.database: the URL names no file")
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(policy_file)), path)
+    return os.path.normpath(path)
+
+
+def key_expiry_from_policy(policy_file: str) -> int | None:
+    """``auth.virtual_keys.expiration_days`` (None when unset or 0: keys do not expire)."""
+    value = _section(_policy_raw(policy_file), policy_file, "auth", "virtual_keys", "expiration_days")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CliError(f"{policy_file}: auth.virtual_keys.expiration_days must be a whole number of days >= 0")
+    return value or None
+
+
+def _policy_file(args: argparse.Namespace) -> str:
+    return getattr(args, "policy", None) or os.environ.get("TOLLGATE_POLICY") or DEFAULT_POLICY
+
+
+# --- output ------------------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, cell=_cell) -> str:
+    """Plain aligned columns: numbers right-aligned, text left-aligned, a dashed rule under the header."""
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text:
+        for i, s in enumerate(row):
+            widths[i] = max(widths[i], len(s))
+    right = [bool(rows) and all(_numeric(r[i]) or r[i] is None for r in rows) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)]
+        return "  ".join(out).rstrip()
+
+    lines = [line(headers), "  ".join("-" * w for w in widths)]
+    lines += [line(r) for r in text]
+    return "\n".join(lines)
+
+
+def _json_value(value: Any) -> str:
+    """JSON text for one value; a Decimal becomes an exact number literal (no float rounding)."""
+    if isinstance(value, Decimal):
+        return format(value, "f") if value.is_finite() else "null"
+    if isinstance(value, datetime | date):
+        return json.dumps(value.isoformat())
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k))}:{_json_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_json_value(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "null"
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return json.dumps(str(value))
+
+
+def write_json(objects: Sequence[dict[str, Any]] | dict[str, Any], out: TextIO) -> None:
+    if isinstance(objects, dict):
+        out.write(_json_value(objects) + "\n")
+        return
+    out.write("[" + ",\n ".join(_json_value(o) for o in objects) + "]\n")
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bool | dict | list):
+        return _cell(value)
+    return value
+
+
+def write_csv(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO) -> None:
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(headers)
+    for row in rows:
+        w.writerow([_csv_cell(v) for v in row])
+
+
+def _fmt_time(value: datetime | None) -> str:
+    if value is None:
+        return "never"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# --- opening the ledger --------------------------------------------------------------------------------------
+
+
+def _open(args: argparse.Namespace, *, read_only: bool):
+    path = db_path_from_policy(_policy_file(args))
+    try:
+        return connect(path, read_only=read_only, wait=LOCK_WAIT), path
+    except FileNotFoundError:
+        raise CliError(
+            f"no ledger at {path} yet (it is created when the gateway starts or a key is created)"
+        ) from None
+    except LedgerError as exc:
+        raise CliError(str(exc)) from None
+    except duckdb.Error as exc:
+        raise CliError(f"cannot open {path}: {exc}") from None
+
+
+# --- keys ----------------------------------------------------------------------------------------------------
+
+
+def _meta(values: list[str] | None) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--meta {item!r}: expected KEY=VALUE")
+        meta[key.strip()] = value
+    return meta
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    policy = _policy_file(args)
+    meta = _meta(args.meta)
+    days = args.expires_days if args.expires_days is not None else key_expiry_from_policy(policy)
+    if days is not None and days < 0:
+        raise CliError("--expires-days must be >= 0 (0: never expires)")
+    con, _path = _open(args, read_only=False)
+    try:
+        key, rec = vkeys.create_key(con, args.user, days or None, meta)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        con.close()
+    if args.json:
+        write_json(
+            {
+                "key": key,
+                "key_id": rec.key_id,
+                "user_id": rec.user_id,
+                "created_at": rec.created_at,
+                "expires_at": rec.expires_at,
+                "metadata": rec.metadata,
+            },
+            sys.stdout,
+        )
+    else:
+        expires = _fmt_time(rec.expires_at) + (f" ({days} days)" if days else "")
+        meta_text = ", ".join(f"{k}={v}" for k, v in rec.metadata.items()) or "-"
+        print("New virtual key (shown once; only its hash is stored):\n")
+        print(f"  {key}\n")
+        print(f"key_id:   {rec.key_id}\nuser:     {rec.user_id}\nexpires:  {expires}\nmetadata: {meta_text}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    path = db_path_from_policy(_policy_file(args))
+    records: list[vkeys.KeyRecord] = []
+    if os.path.exists(path):
+        con, _ = _open(args, read_only=True)
+        try:
+            records = vkeys.list_keys(con)
+        except duckdb.CatalogException:
+            records = []  # a ledger file without a keys table yet
+        finally:
+            con.close()
+    now = datetime.now(UTC)
+    if args.json:
+        write_json(
+            [
+                {
+                    "key_id": r.key_id,
+                    "user_id": r.user_id,
+                    "status": r.status(now),
+                    "created_at": r.created_at,
+                    "expires_at": r.expires_at,
+                    "revoked_at": r.revoked_at,
+                    "metadata": r.metadata,
+                    "tier": r.tier,
+                }
+                for r in records
+            ],
+            sys.stdout,
+        )
+        return 0
+    if not records:
+        print(f"no keys yet in {path}", file=sys.stderr)
+        return 0
+    rows = [
+        (
+            r.key_id,
+            r.user_id,
+            r.status(now),
+            _fmt_time(r.created_at),
+            _fmt_time(r.expires_at),
+            ", ".join(f"{k}={v}" for k, v in r.metadata.items()),
+        )
+        for r in records
+    ]
+    print(format_table(("key_id", "user", "status", "created", "expires", "metadata"), rows))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    path = db_path_from_policy(_policy_file(args))
+    if not os.path.exists(path):
+        raise CliError(f"no key {args.key_id} (no ledger at {path} yet)")
+    con, _ = _open(args, read_only=False)
+    try:
+        found = vkeys.revoke_key(con, args.key_id)
+    finally:
+        con.close()
+    if not found:
+        raise CliError(f"no key {args.key_id} in {path} (see `tollgate keys list`)")
+    print(f"revoked {args.key_id}; a running gateway refuses it within 2 seconds")
+    return 0
+
+
+# --- sql and usage -------------------------------------------------------------------------------------------
+
+# Statement kinds that only read. The connection is read-only as well; this check just says so clearly and
+# before DuckDB's own, less obvious message ("...attached in read-only mode").
+_READ_KINDS = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "CALL", "SET", "VARIABLE_SET", "RELATION"})
+
+
+def _check_read_only(sql: str) -> None:
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise CliError(f"SQL error: {exc}") from None
+    if not statements:
+        raise CliError("no SQL statement given")
+    for st in statements:
+        kind = st.type.name
+        if kind not in _READ_KINDS:
+            raise CliError(
+                f"sql is read-only: {kind} statements are refused (use SELECT, DESCRIBE, SHOW, EXPLAIN)"
+            )
+
+
+def _emit(headers: list[str], rows: list[tuple], args: argparse.Namespace, *, cell=_cell) -> None:
+    if getattr(args, "json", False):
+        write_json([dict(zip(headers, r, strict=True)) for r in rows], sys.stdout)
+    elif getattr(args, "csv", False):
+        write_csv(headers, rows, sys.stdout)
+    else:
+        print(format_table(headers, rows, cell=cell))
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    _check_read_only(args.query)
+    con, _ = _open(args, read_only=True)
+    try:
+        try:
+            result = con.execute(args.query)
+            headers = [d[0] for d in result.description] if result.description else []
+            rows = result.fetchall() if headers else []
+        except duckdb.Error as exc:
+            if "read-only" in str(exc):
+                raise CliError(f"sql is read-only: {exc}") from None
+            raise CliError(f"SQL error: {exc}") from None
+    finally:
+        con.close()
+    if headers:
+        _emit(headers, rows, args)
+    return 0
+
+
+_USAGE_GROUPS: dict[str, tuple[str, str, str]] = {
+    # --by: (select list, group by, order by)
+    "user": ("user_id AS user", "user_id", "cost_usd DESC NULLS LAST, requests DESC, user"),
+    "model": ("provider, model", "provider, model", "cost_usd DESC NULLS LAST, requests DESC, provider, model"),
+    "key": ("key_id, any_value(user_id) AS user", "key_id", "cost_usd DESC NULLS LAST, requests DESC, key_id"),
+    "day": ("CAST(timezone('UTC', ts) AS DATE) AS day", "1", "day"),
+}
+
+
+def _since(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        if len(text) == 10:
+            d = date.fromisoformat(text)
+            return datetime(d.year, d.month, d.day, tzinfo=UTC)
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--since {text!r}: expected a date as YYYY-MM-DD") from None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+
+
+def usage_query(by: str, since: datetime | None) -> tuple[str, list]:
+    select, group, order = _USAGE_GROUPS[by]
+    where, params = ("WHERE ts >= ?", [since]) if since else ("", [])
+    sql = (
+        f"SELECT {select}, count(*) AS requests,"
+        " coalesce(sum(input_tokens), 0)::BIGINT AS input_tokens,"
+        " coalesce(sum(output_tokens), 0)::BIGINT AS output_tokens,"
+        " sum(cost_usd) AS cost_usd"
+        f" FROM requests {where} GROUP BY {group} ORDER BY {order}"
+    )
+    return sql, params
+
+
+def _usage_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, Decimal):
+        return f"{value:.6f}"
+    return _cell(value)
+
+
+def _usage_table(headers: list[str], rows: list[tuple]) -> str:
+    """The usage rows plus a total line under a second rule."""
+    n = len(headers) - 4  # the grouping columns come first, then requests, input, output, cost
+    costs = [r[-1] for r in rows if r[-1] is not None]
+    sums = tuple(sum(r[i] for r in rows) for i in range(n, n + 3))
+    total = ("total",) + ("",) * (n - 1) + sums + (sum(costs) if costs else None,)
+    lines = format_table(headers, [*rows, total], cell=_usage_cell).split("\n")
+    return "\n".join([*lines[:-1], lines[1], lines[-1]])
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    since = _since(args.since)
+    path = db_path_from_policy(_policy_file(args))
+    if not os.path.exists(path):
+        if args.json:
+            write_json([], sys.stdout)
+        else:
+            print(f"no requests yet (no ledger at {path})", file=sys.stderr)
+        return 0
+    sql, params = usage_query(args.by, since)
+    con, _ = _open(args, read_only=True)
+    try:
+        result = con.execute(sql, params)
+        headers = [d[0] for d in result.description]
+        rows = result.fetchall()
+    except duckdb.Error as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    finally:
+        con.close()
+    if args.json:
+        write_json([dict(zip(headers, r, strict=True)) for r in rows], sys.stdout)
+        return 0
+    if rows:
+        print(_usage_table(headers, rows))
+    else:
+        print("no requests" + (f" since {args.since}" if since else ""), file=sys.stderr)
+    return 0
+
+
+# --- run / web / env (tollgate.launch) -----------------------------------------------------------------------
+
+
+def _launch(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from . import launch  # lazy: imports mitmproxy
+
+        return getattr(launch, f"cmd_{name}")(args) or 0
+
+    return run
+
+
+# --- argument parsing ----------------------------------------------------------------------------------------
+
+
+def _add_policy(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # SUPPRESS below the top level: otherwise a subcommand's default would overwrite `tollgate --policy X ...`.
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        default=None if top else argparse.SUPPRESS,
+        help=f"policy file (default: $TOLLGATE_POLICY or {DEFAULT_POLICY}); it names the database",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False everywhere: `run`/`web` pass unknown options to mitmproxy, and a prefix such as
+    # `--p` must reach it rather than be taken for our --policy.
+    parser = argparse.ArgumentParser(
+        prog="tollgate", description="LLM gateway: virtual keys, limits, budgets and a DuckDB ledger.",
+        allow_abbrev=False,
+    )
+    _add_policy(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(parent, name: str, help: str, func) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, allow_abbrev=False)
+        _add_policy(p)
+        p.set_defaults(func=func, parser_=p)
+        return p
+
+    run = add(sub, "run", "run the gateway (mitmdump); extra options go to mitmproxy", _launch("run"))
+    run.set_defaults(passthrough=True)
+    web = add(sub, "web", "run the gateway under mitmweb; extra options go to mitmproxy", _launch("web"))
+    web.set_defaults(passthrough=True)
+    env = add(sub, "env", "print the exports an app needs to use the gateway", _launch("env"))
+    env.add_argument("--shell", choices=("sh", "fish"), default=None, help="syntax (default: sh)")
+
+    keys = add(sub, "keys", "create, list and revoke virtual keys", None)
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    create = add(keys_sub, "create", "create a virtual key (printed once)", cmd_keys_create)
+    create.add_argument("--user", required=True, metavar="ID", help="the user the key belongs to")
+    create.add_argument(
+        "--expires-days", type=int, metavar="N", default=None,
+        help="days until it expires; 0: never (default: auth.virtual_keys.expiration_days, else never)",
+    )
+    create.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
+    create.add_argument("--json", action="store_true", help="print a JSON object")
+    lst = add(keys_sub, "list", "list keys (never the keys themselves)", cmd_keys_list)
+    lst.add_argument("--json", action="store_true", help="print JSON")
+    revoke = add(keys_sub, "revoke", "revoke a key by its key_id", cmd_keys_revoke)
+    revoke.add_argument("key_id", metavar="KEY_ID")
+
+    sql = add(sub, "sql", "run read-only SQL on the ledger", cmd_sql)
+    sql.add_argument("query", metavar="SQL")
+    fmt = sql.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+
+    usage = add(sub, "usage", "requests, tokens and cost from the ledger", cmd_usage)
+    usage.add_argument("--by", choices=tuple(_USAGE_GROUPS), default="user", help="group by (default: user)")
+    usage.add_argument("--since", metavar="YYYY-MM-DD", help="only requests from this UTC date on")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if getattr(args, "passthrough", False):
+        args.extra = extra[1:] if extra[:1] == ["--"] else extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    args.policy = _policy_file(args)  # resolved once: launch's commands get a path, never None
+    func = getattr(args, "func", None)
+    if func is None:  # `tollgate keys` without an action
+        args.parser_.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args) or 0)
+    except CliError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `tollgate sql ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
