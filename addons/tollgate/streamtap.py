@@ -1,0 +1,97 @@
+"""A tap on a streamed answer: bytes go to the app as they arrive, usage is read on the side.
+
+mitmproxy calls the tap (installed as `flow.response.stream`) with each chunk as it comes off the
+upstream socket and sends back whatever the tap returns, so the app sees every event when the provider
+sends it — mitmproxy's default (no stream) would buffer the whole answer first.
+
+Two cases rewrite bytes, both with the event as the smallest unit so the app never sees half an edit:
+- the answer was content-encoded: it is decoded on the fly and forwarded decoded (the addon drops the
+  Content-Encoding header), because an SSE client needs each event now, not at the end of a gzip member;
+- the gateway asked an OpenAI stream for usage the app did not ask for: the extra usage-only chunk and
+  the `"usage": null` fields it adds to every chunk are taken out again.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Callable
+
+from .providers import StreamUsage, is_usage_only_chunk
+from .sse import SSEParser
+
+try:  # Python 3.14 has zstd in the stdlib; mitmproxy depends on the backport before that.
+    from compression import zstd as _zstd  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the Python version
+    from backports import zstd as _zstd  # type: ignore[no-redef]
+
+import brotli
+
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+RAW_CAP = 8 * 1024 * 1024  # non-SSE streams (Gemini's JSON array) are kept up to this for the final parse
+
+
+def decoder_for(encoding: str) -> Callable[[bytes], bytes] | None:
+    """An incremental decoder for a Content-Encoding, or None when there is nothing to decode."""
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return None
+    if enc in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
+    if enc == "deflate":
+        return zlib.decompressobj().decompress
+    if enc == "br":
+        return brotli.Decompressor().process
+    if enc == "zstd":
+        return _zstd.ZstdDecompressor().decompress
+    raise ValueError(f"unsupported content-encoding {encoding!r}")
+
+
+class StreamTap:
+    def __init__(self, usage: StreamUsage, *, sse: bool, strip_usage: bool = False,
+                 decode: Callable[[bytes], bytes] | None = None):
+        self.usage = usage
+        self.strip_usage = strip_usage and sse
+        # When rewriting, keep-alive comments must still go out at once, not wait for the next event.
+        self.sse = SSEParser(emit_empty=self.strip_usage) if sse else None
+        self.decode = decode
+        self.raw = bytearray()  # non-SSE streams only
+        self.bytes_out = 0
+        self.error: str | None = None
+
+    def __call__(self, chunk: bytes) -> bytes:
+        try:
+            return self._tap(chunk)
+        except Exception as e:  # a tap that raises would kill the app's stream: log-worthy, never fatal
+            self.error = f"{type(e).__name__}: {e}"
+            return chunk
+
+    def _tap(self, chunk: bytes) -> bytes:
+        end = not chunk
+        if self.decode is not None and chunk:
+            chunk = self.decode(chunk)
+        if self.sse is None:
+            if len(self.raw) < RAW_CAP:
+                self.raw += chunk
+            self.bytes_out += len(chunk)
+            return chunk
+        events = self.sse.feed(chunk) if chunk else []
+        if end:
+            events += self.sse.flush()
+        feed = self.usage.feed
+        if not self.strip_usage:
+            for ev in events:
+                feed(ev)
+            self.bytes_out += len(chunk)
+            return chunk
+        out = []
+        for ev in events:
+            feed(ev)
+            if is_usage_only_chunk(ev.data):
+                continue
+            raw = ev.raw
+            if b'"usage"' in raw:
+                raw = _USAGE_NULL.sub(b"", raw)
+            out.append(raw)
+        data = b"".join(out)
+        self.bytes_out += len(data)
+        return data

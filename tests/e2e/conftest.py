@@ -1,0 +1,50 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for standin
+
+from standin import Standin  # noqa: E402
+
+from .harness import REAL_KEYS, Gateway, base_policy  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def standin():
+    s = Standin(real_keys=dict(REAL_KEYS))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def confdir(tmp_path_factory):
+    """One mitmproxy CA for the whole run (generating one takes a moment)."""
+    return tmp_path_factory.mktemp("confdir")
+
+
+@pytest.fixture
+def make_gateway(tmp_path, standin, confdir):
+    started = []
+
+    def make(policy_update=None, name="gw", extra_args=None) -> Gateway:
+        pol = base_policy(standin.port, tmp_path / name / "usage.duckdb")
+        if policy_update:
+            policy_update(pol)
+        gw = Gateway(tmp_path / name, pol, confdir, extra_args).start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, standin, confdir):
+    """A shared gateway for tests that only add rows (module scope: one mitmdump per file)."""
+    d = tmp_path_factory.mktemp("gw")
+    gw = Gateway(d, base_policy(standin.port, d / "usage.duckdb"), confdir).start()
+    yield gw
+    gw.stop()
