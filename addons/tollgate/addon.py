@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,7 +78,7 @@ class Gateway:
         # Intercept only provider hosts; everything else is tunneled with its own certificate.
         # Lazy connections: with base_url the provider's own host may not even resolve from here.
         ctx.options.update(allow_hosts=patterns, connection_strategy="lazy")
-        if self.ledger is None or self.ledger.path != str(pol.database):
+        if self.ledger is None or os.path.abspath(self.ledger.path) != os.path.abspath(pol.database):
             if self.ledger is not None:
                 self.ledger.stop()
             self.ledger = Ledger(str(pol.database), flush_interval=ctx.options.tollgate_flush_interval,

@@ -38,96 +38,31 @@ class CliError(Exception):
 # --- the policy, read minimally (to be replaced by the real policy loader) -------------------------------------
 
 
-def _policy_raw(policy_file: str) -> dict:
-    """The policy as plain YAML data; {} if the file does not exist."""
+def load_policy(policy_file: str):
+    """The policy through the gateway's own loader, so the CLI and the gateway agree on every path.
+
+    Data commands do not need provider keys, so an unset ``${VAR}`` reads as empty here instead of
+    failing (the gateway itself stays strict). A missing file means the defaults: ``usage.duckdb``
+    beside where the policy would be.
+    """
+    from .policy import PolicyError, load, loads
+
     try:
-        with open(policy_file, encoding="utf-8") as f:
-            import yaml  # here, not at module top: only commands that need the policy pay for it
-
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise CliError(f"{policy_file}: cannot read: {exc.strerror}") from None
-    except Exception as exc:  # yaml.YAMLError and friends
-        raise CliError(f"{policy_file}: not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CliError(f"{policy_file}: expected a mapping of sections at the top level")
-    return data
-
-
-def _section(data: dict, policy_file: str, *path: str) -> Any:
-    node: Any = data
-    for i, key in enumerate(path):
-        if node is None:
-            return None
-        if not isinstance(node, dict):
-            raise CliError(f"{policy_file}: {'.'.join(path[:i])} must be a mapping")
-        node = node.get(key)
-    return node
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
-
-
-def _expand(value: str, policy_file: str, where: str) -> str:
-    def sub(m: re.Match) -> str:
-        if m[1] in os.environ:
-            return os.environ[m[1]]
-        if m[2] is not None:
-            return m[3]
-        raise CliError(f"{policy_file}: {where}: environment variable {m[1]} is not set")
-
-    return _VAR.sub(sub, value)
+        if not os.path.exists(policy_file):
+            return loads("", os.path.abspath(policy_file), strict_env=False)
+        return load(policy_file, strict_env=False)
+    except PolicyError as exc:
+        raise CliError(str(exc)) from None
 
 
 def db_path_from_policy(policy_file: str) -> str:
-    """The ledger's file path from the policy's ``analytics.database``.
-
-    Accepted forms: a path (``usage.duckdb``), ``duckdb:///usage.duckdb`` and, because the product brief's
-    example says so, ``sqlite:///usage.db``. tollgate only writes DuckDB, so a sqlite URL is read as "a ledger
-    file named like that": the same path with a ``.duckdb`` suffix (``usage.duckdb``), which keeps an actual
-    SQLite file of that name untouched. URLs follow SQLAlchemy's convention (``scheme:///rel/path``,
-    ``scheme:////abs/path``). Relative paths are relative to the policy file's folder, so the gateway and the
-    CLI agree whatever the current directory. A missing policy file means the default, ``usage.duckdb`` beside
-    where the policy would be.
-    """
-    data = _policy_raw(policy_file)
-    value = _section(data, policy_file, "analytics", "database")
-    if value is None:
-        value = DEFAULT_DATABASE
-    if not isinstance(value, str) or not value.strip():
-        raise CliError(f"{policy_file}: analytics.database must be a file path such as usage.duckdb")
-    path = _expand(value.strip(), policy_file, "analytics.database")
-    if "://" in path:
-        scheme, rest = path.split("://", 1)
-        scheme = scheme.lower()
-        if scheme not in ("duckdb", "sqlite", "sqlite3"):
-            raise CliError(
-                f"{policy_file}: analytics.database: {scheme}:// is not supported; the ledger is a DuckDB file"
-                " (write a path such as usage.duckdb)"
-            )
-        path = rest[1:] if rest.startswith("/") else rest
-        if scheme != "duckdb":  # same rule as tollgate.policy.database_path: the suffix becomes .duckdb
-            path = os.path.splitext(path)[0] + ".duckdb"
-        if not path:
-            raise CliError(f"{policy_file}: analytics.database: the URL names no file")
-    path = os.path.expanduser(path)
-    if not os.path.isabs(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(policy_file)), path)
-    return os.path.normpath(path)
+    """The ledger's file path from the policy's ``analytics.database`` (see policy.database_path)."""
+    return os.path.normpath(str(load_policy(policy_file).database))
 
 
 def key_expiry_from_policy(policy_file: str) -> int | None:
     """``auth.virtual_keys.expiration_days`` (None when unset or 0: keys do not expire)."""
-    value = _section(_policy_raw(policy_file), policy_file, "auth", "virtual_keys", "expiration_days")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise CliError(f"{policy_file}: auth.virtual_keys.expiration_days must be a whole number of days >= 0")
-    return value or None
+    return load_policy(policy_file).auth.expiration_days
 
 
 def _policy_file(args: argparse.Namespace) -> str:

@@ -117,12 +117,12 @@ class Policy:
 
 # --- loading -------------------------------------------------------------------------------------
 
-def expand_vars(value: Any, env: dict[str, str], file: Any, keypath: str = "") -> Any:
-    """Replace ${VAR} (must be set) and ${VAR:-default} in every string of a parsed YAML document."""
+def expand_vars(value: Any, env: dict[str, str], file: Any, keypath: str = "", strict: bool = True) -> Any:
+    """Replace ${VAR} (must be set, unless not strict) and ${VAR:-default} in every string of a document."""
     if isinstance(value, dict):
-        return {k: expand_vars(v, env, file, _join(keypath, k)) for k, v in value.items()}
+        return {k: expand_vars(v, env, file, _join(keypath, k), strict) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_vars(v, env, file, f"{keypath}[{i}]") for i, v in enumerate(value)]
+        return [expand_vars(v, env, file, f"{keypath}[{i}]", strict) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -130,7 +130,7 @@ def expand_vars(value: Any, env: dict[str, str], file: Any, keypath: str = "") -
         name, has_default, default = m.group(1), m.group(2), m.group(3)
         if name in env:
             return env[name]
-        if has_default is not None:
+        if has_default is not None or not strict:
             return default or ""
         raise PolicyError(file, keypath, f"${{{name}}} is not set in the environment "
                                          f"(write ${{{name}:-}} to allow it to be empty)")
@@ -142,7 +142,7 @@ def _join(keypath: str, key: Any) -> str:
     return f"{keypath}.{key}" if keypath else str(key)
 
 
-def load(path: str | os.PathLike, env: dict[str, str] | None = None) -> Policy:
+def load(path: str | os.PathLike, env: dict[str, str] | None = None, *, strict_env: bool = True) -> Policy:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -150,10 +150,11 @@ def load(path: str | os.PathLike, env: dict[str, str] | None = None) -> Policy:
         raise PolicyError(p, "", "file not found") from None
     except OSError as e:
         raise PolicyError(p, "", f"cannot read: {e.strerror}") from None
-    return loads(text, p, env)
+    return loads(text, p, env, strict_env=strict_env)
 
 
-def loads(text: str, path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Policy:
+def loads(text: str, path: str | os.PathLike | None = None, env: dict[str, str] | None = None, *,
+          strict_env: bool = True) -> Policy:
     p = Path(path) if path else None
     try:
         doc = yaml.safe_load(text)
@@ -166,7 +167,7 @@ def loads(text: str, path: str | os.PathLike | None = None, env: dict[str, str] 
         doc = {}
     if not isinstance(doc, dict):
         raise PolicyError(p, "", f"must be a mapping of sections, not {type(doc).__name__}")
-    doc = expand_vars(doc, dict(os.environ) if env is None else env, p)
+    doc = expand_vars(doc, dict(os.environ) if env is None else env, p, strict=strict_env)
     return _build(doc, p)
 
 
@@ -177,7 +178,7 @@ def _build(doc: dict, p: Path | None) -> Policy:
     for k in doc:
         if k not in SECTIONS:
             raise PolicyError(p, str(k), f"unknown section (known: {', '.join(sorted(SECTIONS))})")
-    base_dir = p.parent if p else Path.cwd()
+    base_dir = p.parent.absolute() if p else Path.cwd()
     gw = _gateway(_section(doc, "gateway", p), p)
     providers = _providers(_section(doc, "providers", p), p)
     by_host: dict[str, Provider] = {}
