@@ -77,7 +77,10 @@ class Gateway:
         patterns = [pat for p in pol.providers.values() for pat in prov.host_patterns(p.hosts)]
         # Intercept only provider hosts; everything else is tunneled with its own certificate.
         # Lazy connections: with base_url the provider's own host may not even resolve from here.
-        ctx.options.update(allow_hosts=patterns, connection_strategy="lazy")
+        opts: dict[str, Any] = {"allow_hosts": patterns}
+        if "connection_strategy" in ctx.options:  # absent when the proxy server addon is not loaded (tests)
+            opts["connection_strategy"] = "lazy"
+        ctx.options.update(**opts)
         if self.ledger is None or os.path.abspath(self.ledger.path) != os.path.abspath(pol.database):
             if self.ledger is not None:
                 self.ledger.stop()
@@ -96,7 +99,34 @@ class Gateway:
 
     # --- hooks ---------------------------------------------------------------------------------
 
+    # A hook that fails must refuse the request: mitmproxy logs an addon exception and lets the flow
+    # continue, which here would forward it unmetered (or with the virtual key). Each request-side hook
+    # therefore runs guarded and answers a native 500 when it breaks.
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._requestheaders(flow)
+        except Exception:
+            self._fail(flow, "requestheaders")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._request(flow)
+        except Exception:
+            self._fail(flow, "request")
+
+    def _fail(self, flow: http.HTTPFlow, hook: str) -> None:
+        log.exception("tollgate: %s hook failed; the request is refused", hook)
+        ex = self.live.get(flow.id)
+        if ex is None:
+            flow.response = http.Response.make(502, b"tollgate: internal error; request refused\n",
+                                               {"content-type": "text/plain"})
+            return
+        flow.response = None
+        self._refuse(flow, ex, 500, "gateway_error", "gateway_error",
+                     f"tollgate could not process this request ({hook} failed); it was not forwarded")
+
+    def _requestheaders(self, flow: http.HTTPFlow) -> None:
         pol = self.policy
         if pol is None:
             return
@@ -122,7 +152,7 @@ class Gateway:
                                 f"tollgate has no real API key for provider '{provider.name}': set "
                                 f"providers.{provider.name}.api_key in the gateway's policy")
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def _request(self, flow: http.HTTPFlow) -> None:
         ex = self.live.get(flow.id)
         if ex is None or flow.response is not None:
             return
