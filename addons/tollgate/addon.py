@@ -1,11 +1,12 @@
 """The mitmproxy addon: hooks that wire tollgate's modules together, and nothing else.
 
-requestheaders  provider by host → credential → identity; the credential in the flow is replaced by a
-                redacted marker at once, so mitmweb never shows it (refusals answer here)
-request         request facts (model, stream, max tokens) → OpenAI streams asked for usage →
-                real key in, base_url redirect
-responseheaders redact again; streamed answers get a StreamTap (bytes to the app as they arrive)
-response/error  usage (provider-reported, else estimated off the loop) → cost → ledger row → flow comment
+requestheaders  provider by host (or the unified API) → credential → identity; the credential in the
+                flow is replaced by a redacted marker at once, so mitmweb never shows it
+request         request facts (model, stream, max tokens) → (unified: route by model prefix)
+                → rate limits → budget reservation → OpenAI streams asked for usage → real key in
+responseheaders redact again; x-ratelimit-* headers; streamed answers get a StreamTap
+response/error  usage (provider-reported, else estimated off the loop) → cost → settle limits and
+                budget → ledger row → flow comment
 
 Decisions go into flow.metadata["tollgate"] (plain values) and the flow comment, as mitmproxy's own
 addons do; the live per-request state stays in `self.live` because flow.metadata is saved with `-w`.
@@ -15,19 +16,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
 from . import providers as prov
-from . import tokens
+from . import tokens, unified
 from .auth import Authenticator
+from .budgets import Refusal
+from .controls import Controls
 from .exchange import Exchange
 from .ledger import Ledger
+from .limits import Subject
 from .policy import Policy, PolicyError, load as load_policy
-from .pricing import Pricer
 from .redact import RedactingFilter
 from .streamtap import StreamTap, decoder_for
 from .usage import Usage
@@ -35,20 +41,32 @@ from .usage import Usage
 log = logging.getLogger("tollgate")
 
 REDACTED = "tollgate-redacted"
+POLICY_POLL = 1.0  # seconds between checks of policies.yaml for edits
+SPEND_WAIT = 10.0  # how long requests wait at start for budget spend to be read from the ledger
 _JSON_TYPES = (b"{", b"[")
+_JSON = {"content-type": "application/json"}
 
 
 class Gateway:
     def __init__(self) -> None:
         self.policy: Policy | None = None
         self.auth = Authenticator()
-        self.pricer = Pricer({})
+        self.controls: Controls | None = None
         self.ledger: Ledger | None = None
         self.live: dict[str, Exchange] = {}
         self.redactor = RedactingFilter()
         self._estimator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-estimate")
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tollgate-io")
+        self._spend: tuple[Any, Future] | None = None  # (SpendQuery, future rows) until applied
+        self._policy_sig: tuple | None = None
+        self._watcher: asyncio.Task | None = None
+        self._models_cache: dict[str, tuple[float, list[str]]] = {}
 
-    # --- options -------------------------------------------------------------------------------
+    @property
+    def pricer(self):
+        return self.controls.pricer if self.controls else None
+
+    # --- options and lifecycle -----------------------------------------------------------------
 
     def load(self, loader) -> None:
         loader.add_option("tollgate_policy", str, "policies.yaml",
@@ -62,21 +80,21 @@ class Gateway:
             return
         try:
             pol = load_policy(ctx.options.tollgate_policy)
-            pricer = Pricer(pol.costs)
+            controls = Controls.build(pol, self.controls)
         except PolicyError as e:
             raise exceptions.OptionsError(str(e)) from None
-        except ValueError as e:  # price overrides name their own key path
-            raise exceptions.OptionsError(f"{ctx.options.tollgate_policy}: {e}") from None
-        self._apply(pol, pricer)
+        self._apply(pol, controls)
 
-    def _apply(self, pol: Policy, pricer: Pricer) -> None:
-        self.policy = pol
-        self.pricer = pricer
+    def _apply(self, pol: Policy, controls: Controls) -> None:
+        old = self.controls
+        self.policy, self.controls = pol, controls
+        self._policy_sig = _file_sig(pol.path)
         self.redactor.set_secrets(pol.secrets())
         self.auth.configure(pol.auth.master_key, pol.auth.virtual_keys_enabled)
         patterns = [pat for p in pol.providers.values() for pat in prov.host_patterns(p.hosts)]
-        # Intercept only provider hosts; everything else is tunneled with its own certificate.
-        # Lazy connections: with base_url the provider's own host may not even resolve from here.
+        patterns.append(unified.UNIFIED_PATTERN)
+        # Intercept only provider hosts (and the unified API's listener); everything else is tunneled
+        # with its own certificate. Lazy connections: with base_url the provider's host may not resolve.
         opts: dict[str, Any] = {"allow_hosts": patterns}
         if "connection_strategy" in ctx.options:  # absent when the proxy server addon is not loaded (tests)
             opts["connection_strategy"] = "lazy"
@@ -87,21 +105,73 @@ class Gateway:
             self.ledger = Ledger(str(pol.database), flush_interval=ctx.options.tollgate_flush_interval,
                                  on_keys=self.auth.set_keys)
             self.ledger.start()
+        if old is not None and old.alerts is not None and old.alerts is not controls.alerts:
+            old.stop()
+        q = controls.budgets.spend_query()
+        if q is not None:  # budgets recount their period's spend from the ledger, on its own thread
+            self._spend = (q, self.ledger.query(q.sql, q.params))
         missing = [p.name for p in pol.providers.values() if not p.api_key]
         log.info("tollgate: policy %s: providers %s%s; ledger %s", pol.path, ", ".join(pol.providers),
                  f" (no real key yet: {', '.join(missing)})" if missing else "", pol.database)
 
+    async def running(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_policy())
+        await self._spend_loaded()
+
     def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.ledger is not None:
             self.ledger.stop()
+        if self.controls is not None:
+            self.controls.stop()
         self._estimator.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
         self.redactor.uninstall()
+
+    async def _watch_policy(self) -> None:
+        """Hot reload: an edit takes effect within POLICY_POLL; a broken one is refused, the old stays."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(POLICY_POLL)
+            pol = self.policy
+            if pol is None or pol.path is None or _file_sig(pol.path) == self._policy_sig:
+                continue
+            self._policy_sig = _file_sig(pol.path)
+            try:
+                new = await loop.run_in_executor(self._io, load_policy, pol.path)
+                controls = Controls.build(new, self.controls)
+            except PolicyError as e:
+                log.error("tollgate: policy change refused, the previous policy stays in force: %s", e)
+                continue
+            except Exception:
+                log.exception("tollgate: policy change refused, the previous policy stays in force")
+                continue
+            self._apply(new, controls)
+            log.info("tollgate: policy reloaded from %s", new.path)
+
+    async def _spend_loaded(self) -> None:
+        """Budgets must know the period's spend before they admit anything (restarts keep refusing)."""
+        pending = self._spend
+        if pending is None:
+            return
+        q, fut = pending
+        try:
+            rows = await asyncio.wait_for(asyncio.wrap_future(fut), SPEND_WAIT)
+        except Exception as e:
+            log.error("tollgate: could not read budget spend from the ledger (%s); budgets count from now", e)
+            rows = []
+        if self._spend is pending:
+            self._spend = None
+            for alert in self.controls.budgets.apply_spend(q, rows):
+                self.controls.alerts.send(alert)
 
     # --- hooks ---------------------------------------------------------------------------------
 
     # A hook that fails must refuse the request: mitmproxy logs an addon exception and lets the flow
-    # continue, which here would forward it unmetered (or with the virtual key). Each request-side hook
-    # therefore runs guarded and answers a native 500 when it breaks.
+    # continue, which here would forward it unmetered (or with the virtual key). The request-side hooks
+    # therefore run guarded and answer a native 500 when they break.
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         try:
@@ -109,9 +179,9 @@ class Gateway:
         except Exception:
             self._fail(flow, "requestheaders")
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         try:
-            self._request(flow)
+            await self._request(flow)
         except Exception:
             self._fail(flow, "request")
 
@@ -131,41 +201,58 @@ class Gateway:
         if pol is None:
             return
         req = flow.request
-        provider = pol.provider_for(req.host, req.port)
-        if provider is None:
-            return
-        ex = Exchange(provider=provider, endpoint=req.path.split("?", 1)[0], started=req.timestamp_start)
+        path = req.path.split("?", 1)[0]
+        if req.host == unified.UNIFIED_HOST:
+            if path in ("/health", "/health/ready"):
+                flow.response = self._health(path)
+                return
+            ex = Exchange(provider=None, endpoint=path, started=req.timestamp_start, unified=True)
+        else:
+            provider = pol.provider_for(req.host, req.port)
+            if provider is None:
+                return
+            ex = Exchange(provider=provider, endpoint=path, started=req.timestamp_start, wire=provider.protocol)
         self.live[flow.id] = ex
-        cred = prov.find_credential(provider.protocol, req.headers, req.query if "?" in req.path else {})
+        cred = prov.find_credential(ex.wire, req.headers, req.query if "?" in req.path else {})
         if cred is None:
             return self._refuse(flow, ex, 401, "invalid_api_key", "unauthorized",
                                 "no API key was presented; use a tollgate virtual key")
         ident, why = self.auth.identify(cred.value)
         cred.value = ""  # the virtual key itself is not kept past its hash lookup
-        ex.cred = cred
-        ex.identity = ident
+        ex.cred, ex.identity = cred, ident
         _write_credential(req, cred, f"{REDACTED}:{ident.key_id if ident else 'rejected'}")
         if ident is None:
             return self._refuse(flow, ex, 401, "invalid_api_key", "unauthorized", why)
-        if not provider.api_key:
-            return self._refuse(flow, ex, 401, "missing_provider_key", "gateway_error",
-                                f"tollgate has no real API key for provider '{provider.name}': set "
-                                f"providers.{provider.name}.api_key in the gateway's policy")
+        ex.tier = self.controls.budgets.tier_of(ident.user_id, ident.tier)
+        if ex.provider is not None and not ex.provider.api_key:
+            self._refuse_missing_key(flow, ex)
 
-    def _request(self, flow: http.HTTPFlow) -> None:
+    async def _request(self, flow: http.HTTPFlow) -> None:
         ex = self.live.get(flow.id)
         if ex is None or flow.response is not None:
             return
+        if self._spend is not None:
+            await self._spend_loaded()
         req = flow.request
-        provider = ex.provider
         body = _json_body(req)
         ex.body_size = len(req.raw_content or b"")
-        facts = prov.request_facts(provider.protocol, ex.endpoint, body)
+        if ex.unified:
+            if ex.endpoint == "/v1/models":
+                return await self._models(flow, ex)
+            target = self._route(flow, ex, body)
+            if target is None:
+                return
+        else:
+            target = None
+        provider = ex.provider
+        facts = prov.request_facts(ex.wire, ex.endpoint, body)
         ex.kind, ex.model, ex.stream = facts.kind, facts.model, facts.stream
         ex.max_output_tokens = facts.max_output_tokens
         ex.body = body
+        if not self._admit(flow, ex):
+            return
         if facts.stream and not facts.include_usage and facts.kind in ("chat", "completions") \
-                and provider.protocol in ("openai", "azure") and isinstance(body, dict):
+                and isinstance(body, dict):
             # Ask for usage so the stream can be metered exactly; the tap removes it again.
             opts = body.get("stream_options")
             if opts is None or isinstance(opts, dict):
@@ -173,7 +260,7 @@ class Gateway:
                 req.content = json.dumps(body, separators=(",", ":")).encode()
                 ex.strip_usage = True
         _write_credential(req, ex.cred, provider.api_key)
-        target = provider.redirect(req.path)
+        target = target or provider.redirect(req.path)
         if target is not None:
             req.scheme, req.host, req.port, req.path = target
 
@@ -184,10 +271,12 @@ class Gateway:
         self._redact(flow, ex)
         resp = flow.response
         assert resp is not None
+        if ex.subject is not None:
+            limiter, subject = ex.subject
+            resp.headers.update(limiter.headers(subject))
         if ex.outcome != "ok" or resp.status_code >= 400:
             return  # refusals and provider errors are small JSON: buffer them
-        ctype = resp.headers.get("content-type", "")
-        sse = "text/event-stream" in ctype
+        sse = "text/event-stream" in resp.headers.get("content-type", "")
         if not (sse or ex.stream):
             return
         decode = None
@@ -196,13 +285,11 @@ class Gateway:
             try:
                 decode = decoder_for(enc)
             except ValueError:
-                decode = None
                 sse = False  # cannot read it: relay untouched, estimate the usage
             else:
                 del resp.headers["content-encoding"]
                 resp.headers.pop("content-length", None)
-        ex.tap = StreamTap(prov.StreamUsage(ex.provider.protocol, ex.kind), sse=sse,
-                           strip_usage=ex.strip_usage, decode=decode)
+        ex.tap = StreamTap(prov.StreamUsage(ex.wire, ex.kind), sse=sse, strip_usage=ex.strip_usage, decode=decode)
         resp.stream = ex.tap
 
     async def response(self, flow: http.HTTPFlow) -> None:
@@ -213,7 +300,7 @@ class Gateway:
         resp = flow.response
         assert resp is not None
         ex.status_code = resp.status_code
-        if ex.outcome == "ok":
+        if ex.outcome == "ok" and ex.kind != "models":
             if resp.status_code >= 400:
                 ex.outcome = "upstream_error"
                 ex.usage = Usage()  # the provider answered with an error and bills nothing
@@ -239,14 +326,118 @@ class Gateway:
                 await self._estimate(ex)
         await self._finish(flow, ex, flow.error.timestamp if flow.error else None)
 
-    # --- helpers -------------------------------------------------------------------------------
+    # --- admission: rate limits, then budgets ---------------------------------------------------
 
-    def _refuse(self, flow: http.HTTPFlow, ex: Exchange, status: int, code: str, outcome: str, why: str) -> None:
-        body, headers = prov.error_body(ex.provider.protocol, status, code, why)
-        flow.response = http.Response.make(status, body, headers)
-        ex.outcome = outcome
-        ex.error = why
-        ex.status_code = status
+    def _admit(self, flow: http.HTTPFlow, ex: Exchange) -> bool:
+        c, ident, provider = self.controls, ex.identity, ex.provider
+        limiter = c.limiter
+        subject = Subject(ident.user_id, ident.key_id, ex.tier, f"{provider.name}:{ex.model or ''}")
+        if not limiter.empty:
+            d = limiter.check_and_hit(subject)
+            if not d.allowed:
+                wait = max(d.retry_after, 0.0)
+                headers = {**d.headers, "retry-after": str(math.ceil(wait)), "retry-after-ms": str(int(wait * 1000))}
+                if not d.retryable or wait > 120:
+                    headers["x-should-retry"] = "false"  # SDKs would wait in vain
+                self._refuse(flow, ex, 429, "rate_limit_exceeded", "rate_limited",
+                             f"rate limit {d.limit_name} reached; retry in {math.ceil(wait)}s",
+                             headers, error_type=d.kind if ex.wire in ("openai", "azure") else None)
+                return False
+            ex.subject = (limiter, subject)
+        budgets = c.budgets
+        if budgets.applicable(ident.user_id, ex.tier):
+            # Worst case: the prompt's size bound (O(1); tokenizing a large body here would stall the
+            # loop) plus the request's max output tokens, or the policy's default when it sets none.
+            worst = Usage(input_tokens=tokens.rough_tokens(ex.body_size),
+                          output_tokens=budgets.worst_case_output(ex.max_output_tokens))
+            estimate = c.pricer.cost(provider.name, provider.prices_id, ex.model, worst) or Decimal(0)
+            r = budgets.reserve(ident.user_id, ex.tier, estimate, now=ex.started)
+            if isinstance(r, Refusal):
+                self._release(ex)
+                self._refuse(flow, ex, 429, "insufficient_quota", "budget_exceeded", r.message(),
+                             {"x-should-retry": "false"})
+                return False
+            ex.reservation = (budgets, r)
+        return True
+
+    def _release(self, ex: Exchange, cost: Decimal | None = None, settle: bool = False) -> None:
+        """Give back what admission took: the in-flight slot (after charging tokens) and the reservation."""
+        if ex.subject is not None:
+            limiter, subject = ex.subject
+            ex.subject = None
+            if ex.usage is not None and ex.usage.total_tokens:
+                limiter.charge_tokens(subject, ex.usage.total_tokens)
+            limiter.release(subject)
+        if ex.reservation is not None:
+            budgets, r = ex.reservation
+            ex.reservation = None
+            if settle:
+                for alert in budgets.settle(r, cost, now=ex.started):
+                    self.controls.alerts.send(alert)
+            else:
+                budgets.release(r)
+
+    # --- the unified API ------------------------------------------------------------------------
+
+    def _route(self, flow: http.HTTPFlow, ex: Exchange, body: Any) -> tuple[str, str, int, str] | None:
+        """Pick the provider by the model's prefix; the request becomes one to that provider's host."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model:
+            self._refuse(flow, ex, 400, "invalid_request", "gateway_error",
+                         "the request body must be JSON with a model such as \"openai:gpt-4o-mini\"")
+            return None
+        try:
+            r = unified.route(self.policy, ex.endpoint, model, self.policy.gateway.default_provider)
+        except unified.RouteError as e:
+            self._refuse(flow, ex, e.status, e.code, "gateway_error", str(e))
+            return None
+        ex.provider, ex.endpoint = r.provider, r.path
+        if not r.provider.api_key:
+            self._refuse_missing_key(flow, ex)
+            return None
+        body["model"] = r.model  # the provider gets its own model name; the ledger records both parts
+        flow.request.content = json.dumps(body, separators=(",", ":")).encode()
+        return unified.target(r)
+
+    async def _models(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        loop = asyncio.get_running_loop()
+        data = []
+        for p in self.policy.providers.values():
+            if not p.api_key or p.protocol == "azure":
+                continue
+            cached = self._models_cache.get(p.name)
+            if cached is None or cached[0] < time.monotonic():
+                ids = await loop.run_in_executor(self._io, unified.fetch_models, p)
+                if not ids:  # the provider did not answer: the price table's models
+                    ids = self.pricer.known_models(p.prices_id) if p.prices_id else []
+                cached = self._models_cache[p.name] = (time.monotonic() + 300, ids)
+            data += [{"id": f"{p.name}:{m}", "object": "model", "created": 0, "owned_by": p.name} for m in cached[1]]
+        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": data}), _JSON)
+        ex.kind, ex.usage = "models", None
+
+    def _health(self, path: str) -> http.Response:
+        if path == "/health":
+            return http.Response.make(200, b'{"status":"ok"}', _JSON)
+        ledger_ok = self.ledger is not None and self.ledger.healthy()
+        ready = self.policy is not None and ledger_ok
+        body = {"status": "ready" if ready else "not_ready", "policy": "loaded" if self.policy else "missing",
+                "ledger": "ok" if ledger_ok else "failing",
+                "ledger_pending_rows": self.ledger.pending if self.ledger else None}
+        return http.Response.make(200 if ready else 503, json.dumps(body), _JSON)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _refuse(self, flow: http.HTTPFlow, ex: Exchange, status: int, code: str, outcome: str, why: str,
+                headers: dict[str, str] | None = None, error_type: str | None = None) -> None:
+        body, hdrs = prov.error_body(ex.wire, status, code, why, error_type=error_type)
+        flow.response = http.Response.make(status, body, {**hdrs, **(headers or {})})
+        ex.outcome, ex.error, ex.status_code = outcome, why, status
+
+    def _refuse_missing_key(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        name = ex.provider.name
+        self._refuse(flow, ex, 401, "missing_provider_key", "gateway_error",
+                     f"tollgate has no real API key for provider '{name}': set providers.{name}.api_key "
+                     f"in the gateway's policy")
 
     def _redact(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         cred = ex.cred
@@ -262,8 +453,8 @@ class Gateway:
             data = json.loads(resp.content or b"null")
         except (ValueError, UnicodeDecodeError):
             return
-        ex.usage = prov.usage_from_json(ex.provider.protocol, ex.kind, data)
-        ex.response_model = prov.model_from_json(ex.provider.protocol, data)
+        ex.usage = prov.usage_from_json(ex.wire, ex.kind, data)
+        ex.response_model = prov.model_from_json(ex.wire, data)
 
     def _usage_from_tap(self, ex: Exchange) -> None:
         """Usage seen in a streamed answer: complete if the provider's final report arrived; otherwise
@@ -278,10 +469,10 @@ class Gateway:
                 return
             chunks = data if isinstance(data, list) else [data]
             for chunk in reversed(chunks):
-                u = prov.usage_from_json(ex.provider.protocol, ex.kind, chunk)
+                u = prov.usage_from_json(ex.wire, ex.kind, chunk)
                 if u is not None:
                     ex.usage = u
-                    ex.response_model = prov.model_from_json(ex.provider.protocol, chunk)
+                    ex.response_model = prov.model_from_json(ex.wire, chunk)
                     break
             return
         su = tap.usage
@@ -299,7 +490,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         try:
             est_in, est_out = await loop.run_in_executor(
-                self._estimator, _estimate_tokens, ex.provider.protocol, ex.kind, ex.body, ex.model, out_text)
+                self._estimator, _estimate_tokens, ex.wire, ex.kind, ex.body, ex.model, out_text)
         except Exception as e:  # an estimate must never lose the row
             log.warning("tollgate: token estimate failed for %s: %s", ex.request_id, e)
             est_in, est_out = tokens.rough_tokens(ex.body_size), 0
@@ -314,23 +505,36 @@ class Gateway:
 
     async def _finish(self, flow: http.HTTPFlow, ex: Exchange, end: float | None) -> None:
         ex.body = None
-        if ex.usage is not None and ex.outcome in ("ok", "upstream_error", "client_aborted"):
+        billed = ex.usage is not None and ex.provider is not None \
+            and ex.outcome in ("ok", "upstream_error", "client_aborted")
+        if billed:
             # Priced by the model asked for (what policies name), else the one that answered.
-            ex.cost = self.pricer.cost(ex.provider.name, ex.provider.prices_id,
-                                       ex.model or ex.response_model, ex.usage)
+            ex.cost = self.pricer.cost(ex.provider.name, ex.provider.prices_id, ex.model or ex.response_model,
+                                       ex.usage)
+        self._release(ex, ex.cost, settle=billed)
         req, resp = flow.request, flow.response
         if end:
             ex.latency_ms = round((end - req.timestamp_start) * 1000, 3)
-        if resp is not None and resp.timestamp_start and ex.outcome not in ("unauthorized", "gateway_error"):
+        if resp is not None and resp.timestamp_start and ex.status_code and ex.outcome not in (
+                "unauthorized", "gateway_error", "rate_limited", "budget_exceeded"):
             ex.ttft_ms = round((resp.timestamp_start - req.timestamp_start) * 1000, 3)
         if ex.tap is not None and ex.tap.error:
             log.warning("tollgate: stream tap for %s: %s", ex.request_id, ex.tap.error)
         flow.metadata["tollgate"] = ex.summary()
         flow.comment = ex.comment()
         if ex.outcome != "ok":
-            log.info("tollgate: %s %s %s: %s", ex.outcome, ex.provider.name, ex.endpoint, ex.error or ex.status_code)
+            where = ex.provider.name if ex.provider else "unified"
+            log.info("tollgate: %s %s %s: %s", ex.outcome, where, ex.endpoint, ex.error or ex.status_code)
         if self.ledger is not None:
             self.ledger.record(ex.row())
+
+
+def _file_sig(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _json_body(req: http.Request) -> Any:

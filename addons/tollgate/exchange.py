@@ -21,12 +21,17 @@ OUTCOMES = ("ok", "unauthorized", "rate_limited", "budget_exceeded", "upstream_e
 
 @dataclass(slots=True)
 class Exchange:
-    provider: Provider
+    provider: Provider | None  # None until a unified-API request is routed by its model
     endpoint: str
     started: float  # epoch seconds (flow.request.timestamp_start)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cred: Any = None  # providers.Credential: where the app put its key (the value is never kept)
     identity: Identity | None = None
+    wire: str = "openai"  # the protocol whose formats the app speaks (errors, credentials)
+    unified: bool = False  # came through the unified API (gateway.port), not the proxy
+    tier: str | None = None  # the tier the request runs under (policy's shared_users, else the key's)
+    subject: Any = None  # limits.Subject once the rate limiter counted the request (released at the end)
+    reservation: Any = None  # budgets.Reservation held while the request is in flight
     kind: str = "other"
     model: str | None = None
     stream: bool = False
@@ -50,13 +55,13 @@ class Exchange:
         return {
             "request_id": self.request_id,
             "ts": datetime.fromtimestamp(self.started, timezone.utc),
-            "provider": self.provider.name,
+            "provider": self.provider.name if self.provider else None,
             "endpoint": self.endpoint,
             "model": self.model,
             "response_model": self.response_model,
             "key_id": ident.key_id if ident else None,
             "user_id": ident.user_id if ident else None,
-            "tier": ident.tier if ident else None,
+            "tier": self.tier,
             "metadata": dict(ident.metadata) if ident else {},
             "status_code": self.status_code,
             "outcome": self.outcome,
@@ -78,7 +83,8 @@ class Exchange:
         u = self.usage
         return {
             "request_id": self.request_id,
-            "provider": self.provider.name,
+            "provider": self.provider.name if self.provider else None,
+            "unified": self.unified,
             "user": ident.user_id if ident else None,
             "key_id": ident.key_id if ident else None,
             "model": self.response_model or self.model,

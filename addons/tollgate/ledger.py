@@ -26,6 +26,7 @@ import math
 import os
 import re
 import threading
+from concurrent.futures import Future
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -497,6 +498,7 @@ class Ledger:
         self._keys_sig: tuple[int, int] | None = None
         self._keys_at = -math.inf
         self._file_seen: tuple | None = None
+        self._queries: list[tuple[str, list, Future]] = []  # read queries for the writer thread to run
         # For measurements and /health: inserts, rows inserted, lock conflicts met, seconds the file was held.
         self.stats = {"batches": 0, "rows": 0, "lock_waits": 0, "write_seconds": 0.0}
 
@@ -513,6 +515,19 @@ class Ledger:
         """Rows recorded (or left by an earlier run) that are not in the database yet."""
         with self._lock:
             return self._recorded - self._landed + self._replay
+
+    def query(self, sql: str, params: list | None = None) -> Future:
+        """Run a read query on the writer thread, after every earlier run's spool has landed.
+
+        One process must not open the file twice (DuckDB's locks are per process), so the gateway's own
+        reads — budget spend at start — go through the thread that owns the file. The future's result
+        is the list of rows.
+        """
+        fut: Future = Future()
+        with self._lock:
+            self._queries.append((sql, list(params or []), fut))
+        self._wake.set()
+        return fut
 
     def healthy(self) -> bool:
         """False only when the last write attempt failed for a reason other than another process's lock."""
@@ -610,6 +625,34 @@ class Ledger:
             self._land()
         elif self._keys_due(now):
             self._refresh_keys()
+        if self._queries and self._schema_ok and not self._replay:
+            self._run_queries()
+
+    def _run_queries(self) -> None:
+        with self._lock:
+            queries, self._queries = self._queries, []
+        try:
+            attached = self._attach(read_only=True)
+        except Exception as exc:
+            attached, failure = False, exc
+        else:
+            failure = None
+        if not attached:
+            if failure is not None:
+                for _sql, _params, fut in queries:
+                    fut.set_exception(failure)
+            else:  # locked by another process: try again next round
+                with self._lock:
+                    self._queries[:0] = queries
+            return
+        try:
+            for sql, params, fut in queries:
+                try:
+                    fut.set_result(self._mem.execute(sql, params).fetchall())  # type: ignore[union-attr]
+                except Exception as exc:
+                    fut.set_exception(exc)
+        finally:
+            self._detach()
 
     def _keys_due(self, now: float) -> bool:
         if self._on_keys is None:

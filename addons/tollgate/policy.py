@@ -56,6 +56,7 @@ class Provider:
     prices_id: str | None
     well_known_prefix: str  # path prefix of the well-known base ("/v1" for OpenAI) that base_url replaces
     upstream: Upstream | None  # None: the request goes where the app sent it
+    builtin: bool = False  # a well-known provider (its base URL is known)
 
     def __repr__(self) -> str:  # never print the real key
         return f"Provider({self.name!r}, {self.protocol}, hosts={self.hosts}, upstream={self.upstream})"
@@ -76,6 +77,7 @@ class Gateway:
     host: str = "127.0.0.1"
     port: int = 8000  # unified OpenAI-compatible API (as in the brief)
     proxy_port: int = 8080  # HTTPS_PROXY
+    default_provider: str | None = "openai"  # unified API: where a model without "provider:" goes
 
 
 @dataclass(slots=True)
@@ -188,11 +190,17 @@ def _build(doc: dict, p: Path | None) -> Policy:
             if other is not None:
                 raise PolicyError(p, f"providers.{prv.name}.hosts", f"host {h!r} is already {other.name!r}'s")
             by_host[h] = prv
+    if gw.default_provider not in providers:
+        if "default_provider" in _section(doc, "gateway", p):
+            raise PolicyError(p, "gateway.default_provider", f"{gw.default_provider!r} is not in providers")
+        gw.default_provider = None
     auth = _auth(_section(doc, "auth", p), p)
     budgeting = _section(doc, "budgeting", p)
     costs = budgeting.get("costs") or {}
     if not isinstance(costs, dict):
         raise PolicyError(p, "budgeting.costs", "must be a mapping of 'provider:model' to prices")
+    alerts = _section(doc, "alerts", p)
+    _validate_controls(doc, budgeting, alerts, costs, p)
     analytics = _section(doc, "analytics", p)
     db = analytics.get("database", "usage.duckdb")
     return Policy(
@@ -208,6 +216,29 @@ def _build(doc: dict, p: Path | None) -> Policy:
         logging=_bool(analytics.get("logging", True), p, "analytics.logging"),
         raw=doc,
     )
+
+
+def _validate_controls(doc: dict, budgeting: dict, alerts: dict, costs: dict, p: Path | None) -> None:
+    """rate_limits, budgeting and costs are interpreted by their own modules; let them judge the shape
+    here so every reader of the policy (gateway start, hot reload, CLI) gets the same clear error."""
+    from .budgets import Budgets
+    from .limits import parse_rules
+    from .pricing import parse_costs
+
+    try:
+        budgets = Budgets.from_policy(budgeting, alerts)
+        parse_rules(_section(doc, "rate_limits", p), tier_limits(budgets))
+        parse_costs(costs)
+    except ValueError as e:
+        keypath, problem = getattr(e, "keypath", None), getattr(e, "problem", None)
+        if keypath is None:
+            keypath, _, problem = str(e).partition(": ")
+        raise PolicyError(p, keypath, problem or str(e)) from None
+
+
+def tier_limits(budgets) -> dict[str, Any]:
+    """The rate limits set on tiers, for the rate limiter (pooled per tier)."""
+    return {name: t.rate_limits for name, t in budgets.tiers.items() if t.rate_limits}
 
 
 def _section(doc: dict, name: str, p: Path | None) -> dict:
@@ -249,7 +280,7 @@ def _str(v: Any, p: Path | None, keypath: str) -> str:
 
 
 def _gateway(d: dict, p: Path | None) -> Gateway:
-    _check_keys(d, {"host", "port", "proxy_port", "proxy_host"}, p, "gateway")
+    _check_keys(d, {"host", "port", "proxy_port", "default_provider"}, p, "gateway")
     g = Gateway()
     if "host" in d:
         g.host = _str(d["host"], p, "gateway.host")
@@ -257,6 +288,8 @@ def _gateway(d: dict, p: Path | None) -> Gateway:
         g.port = _int(d["port"], p, "gateway.port", 0, 65535)
     if "proxy_port" in d:
         g.proxy_port = _int(d["proxy_port"], p, "gateway.proxy_port", 0, 65535)
+    if d.get("default_provider") is not None:
+        g.default_provider = _str(d["default_provider"], p, "gateway.default_provider")
     if g.port and g.port == g.proxy_port:
         raise PolicyError(p, "gateway.proxy_port", f"must differ from gateway.port ({g.port})")
     return g
@@ -311,6 +344,7 @@ def _providers(d: dict, p: Path | None) -> dict[str, Provider]:
             prices_id=conf.get("prices_id", spec.prices_id if spec else None),
             well_known_prefix=prefix,
             upstream=upstream,
+            builtin=bool(well_known),
         )
     return out
 

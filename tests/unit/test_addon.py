@@ -1,4 +1,5 @@
 """The hooks with mitmproxy's own test helpers (taddons/tflow); the e2e tests cover real processes."""
+import asyncio
 import json
 
 import pytest
@@ -40,7 +41,7 @@ def openai_flow(key: str | None):
 
 def test_only_provider_hosts_are_intercepted(gw):
     g, tctx = gw
-    assert tctx.options.allow_hosts == [r"^api\.openai\.com:\d+$"]
+    assert tctx.options.allow_hosts == [r"^api\.openai\.com:\d+$", r"^tollgate\.invalid:1$"]
 
 
 def test_virtual_key_swapped_and_redirected(gw):
@@ -48,7 +49,7 @@ def test_virtual_key_swapped_and_redirected(gw):
     f = openai_flow(VKEY)
     g.requestheaders(f)
     assert f.request.headers["authorization"] == f"Bearer {REDACTED}:vk_1"  # what mitmweb first sees
-    g.request(f)
+    asyncio.run(g.request(f))
     assert f.response is None
     assert f.request.headers["authorization"] == f"Bearer {REAL}"
     assert (f.request.scheme, f.request.host, f.request.port, f.request.path) == \
@@ -77,7 +78,7 @@ def test_a_failing_hook_refuses_instead_of_forwarding(gw, monkeypatch):
         raise RuntimeError("bug")
 
     monkeypatch.setattr(addon_mod.prov, "request_facts", boom)
-    g.request(f)
+    asyncio.run(g.request(f))
     assert f.response is not None and f.response.status_code == 500
     assert g.live[f.id].outcome == "gateway_error"
 
