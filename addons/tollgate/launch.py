@@ -12,6 +12,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from . import unified
 from .policy import Policy, PolicyError, load as load_policy
 
 GATEWAY_SCRIPT = Path(__file__).resolve().parent.parent / "gateway.py"
@@ -34,6 +35,8 @@ def mitm_args(pol: Policy, policy_path: str, extra: list[str]) -> list[str]:
         "--mode", f"regular@{g.proxy_port}",
         "--set", "connection_strategy=lazy",
     ]
+    if g.port:  # the unified OpenAI-compatible API: a reverse listener the addon re-targets per request
+        args += ["--mode", f"reverse:http://{unified.UNIFIED_HOST}:{unified.UNIFIED_PORT}@{g.port}"]
     if os.environ.get("TOLLGATE_CONFDIR"):
         args += ["--set", f"confdir={os.environ['TOLLGATE_CONFDIR']}"]
     return args + list(extra)
@@ -43,8 +46,10 @@ def cmd_run(args) -> int:
     from mitmproxy.tools.main import mitmdump
 
     pol = _policy(args.policy)
-    print(f"tollgate: proxy on http://{pol.gateway.host}:{pol.gateway.proxy_port} "
-          f"(eval \"$(tollgate env)\" in the app's shell); ledger {pol.database}", file=sys.stderr)
+    g = pol.gateway
+    api = f"; unified API on http://{g.host}:{g.port}/v1" if g.port else ""
+    print(f"tollgate: proxy on http://{g.host}:{g.proxy_port} (eval \"$(tollgate env)\" in the app's shell)"
+          f"{api}; ledger {pol.database}", file=sys.stderr)
     return mitmdump(mitm_args(pol, args.policy, getattr(args, "extra", []) or [])) or 0
 
 

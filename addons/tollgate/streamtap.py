@@ -58,12 +58,16 @@ class StreamTap:
         self.bytes_out = 0
         self.error: str | None = None
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         try:
-            return self._tap(chunk)
+            out = self._tap(chunk)
         except Exception as e:  # a tap that raises would kill the app's stream: log-worthy, never fatal
             self.error = f"{type(e).__name__}: {e}"
-            return chunk
+            out = chunk
+        # Nothing to send yet (half an event held back, a gzip block not decoded yet) must be an empty
+        # list: mitmproxy writes an empty bytes chunk as a chunked-encoding terminator ("0\r\n\r\n"),
+        # which would end the app's response early and corrupt the next one on a kept-alive connection.
+        return out if out else []
 
     def _tap(self, chunk: bytes) -> bytes:
         end = not chunk
