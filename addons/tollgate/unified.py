@@ -50,12 +50,11 @@ class Route:
 
 def split_model(model: str, pol: Policy, default_provider: str | None) -> tuple[str, str]:
     """("provider", "model") from "provider:model"; an unprefixed model goes to the default provider."""
-    if ":" in model:
-        name, rest = model.split(":", 1)
-        if name in pol.providers:
-            return name, rest
-        # "ft:gpt-4o:org:..." style ids contain colons too: only a configured provider name is a prefix.
-    if default_provider and default_provider in pol.providers:
+    name, colon, rest = model.partition(":")
+    if colon and name in pol.providers:
+        return name, rest
+    # OpenAI's fine-tuned ids ("ft:gpt-4o-mini:org::id") have colons but no provider prefix.
+    if (not colon or name == "ft") and default_provider and default_provider in pol.providers:
         return default_provider, model
     known = ", ".join(f"{n}:…" for n in pol.providers)
     raise RouteError(400, "model_not_found",
