@@ -35,6 +35,7 @@ from .ledger import Ledger
 from .limits import Subject
 from .policy import Policy, PolicyError, load as load_policy
 from .redact import RedactingFilter
+from .status import status_path, write_status
 from .streamtap import StreamTap, decoder_for
 from .usage import Usage
 
@@ -131,10 +132,14 @@ class Gateway:
         self.redactor.uninstall()
 
     async def _watch_policy(self) -> None:
-        """Hot reload: an edit takes effect within POLICY_POLL; a broken one is refused, the old stays."""
+        """Hot reload: an edit takes effect within POLICY_POLL; a broken one is refused, the old stays.
+        Also publishes the budgets' live state (reservations are known only here) for `tollgate budgets`."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(POLICY_POLL)
+            if self.controls is not None and self.ledger is not None:
+                status = {"written_at": time.time(), "pid": os.getpid(), "budgets": self.controls.budgets.status()}
+                loop.run_in_executor(self._io, write_status, status_path(self.ledger.path), status)
             pol = self.policy
             if pol is None or pol.path is None or _file_sig(pol.path) == self._policy_sig:
                 continue
