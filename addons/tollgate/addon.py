@@ -43,7 +43,8 @@ log = logging.getLogger("tollgate")
 
 REDACTED = "tollgate-redacted"
 POLICY_POLL = 1.0  # seconds between checks of policies.yaml for edits
-SPEND_WAIT = 10.0  # how long requests wait at start for budget spend to be read from the ledger
+SPEND_WAIT = 10.0
+BIG_BODY = 256 * 1024  # JSON bodies above this are parsed on a worker thread, not the event loop  # how long requests wait at start for budget spend to be read from the ledger
 _JSON_TYPES = (b"{", b"[")
 _JSON = {"content-type": "application/json"}
 
@@ -239,8 +240,11 @@ class Gateway:
         if self._spend is not None:
             await self._spend_loaded()
         req = flow.request
-        body = _json_body(req)
         ex.body_size = len(req.raw_content or b"")
+        if ex.body_size > BIG_BODY:  # a 20 MB prompt would stall every other request while parsed
+            body = await asyncio.get_running_loop().run_in_executor(self._io, _json_body, req)
+        else:
+            body = _json_body(req)
         if ex.unified:
             if ex.endpoint == "/v1/models":
                 return await self._models(flow, ex)
@@ -310,7 +314,7 @@ class Gateway:
                 ex.outcome = "upstream_error"
                 ex.usage = Usage()  # the provider answered with an error and bills nothing
             else:
-                self._usage_from_answer(ex, resp)
+                await self._usage_from_answer(ex, resp)
                 if ex.usage is None or ex.usage.source != "provider":
                     await self._estimate(ex)
         await self._finish(flow, ex, resp.timestamp_end)
@@ -450,14 +454,18 @@ class Gateway:
             key_id = ex.identity.key_id if ex.identity else "rejected"
             _write_credential(flow.request, cred, f"{REDACTED}:{key_id}")
 
-    def _usage_from_answer(self, ex: Exchange, resp: http.Response) -> None:
+    async def _usage_from_answer(self, ex: Exchange, resp: http.Response) -> None:
         if ex.tap is not None:
             self._usage_from_tap(ex)
             return
         try:
-            data = json.loads(resp.content or b"null")
-        except (ValueError, UnicodeDecodeError):
+            content = resp.content or b"null"
+        except ValueError:  # undecodable content-encoding
             return
+        if len(content) > BIG_BODY:  # e.g. thousands of embeddings: parse off the loop
+            data = await asyncio.get_running_loop().run_in_executor(self._io, _loads, content)
+        else:
+            data = _loads(content)
         ex.usage = prov.usage_from_json(ex.wire, ex.kind, data)
         ex.response_model = prov.model_from_json(ex.wire, data)
 
@@ -549,6 +557,10 @@ def _json_body(req: http.Request) -> Any:
         return None
     if not content or content[:1] not in _JSON_TYPES and content.lstrip()[:1] not in _JSON_TYPES:
         return None
+    return _loads(content)
+
+
+def _loads(content: bytes) -> Any:
     try:
         return json.loads(content)
     except (ValueError, UnicodeDecodeError):
