@@ -345,7 +345,8 @@ class Gateway:
             d = limiter.check_and_hit(subject)
             if not d.allowed:
                 wait = max(d.retry_after, 0.0)
-                headers = {**d.headers, "retry-after": str(math.ceil(wait)), "retry-after-ms": str(int(wait * 1000))}
+                headers = {**d.headers, "retry-after": str(math.ceil(wait)),
+                           "retry-after-ms": str(math.ceil(wait * 1000))}
                 if not d.retryable or wait > 120:
                     headers["x-should-retry"] = "false"  # SDKs would wait in vain
                 self._refuse(flow, ex, 429, "rate_limit_exceeded", "rate_limited",
@@ -363,7 +364,7 @@ class Gateway:
             r = budgets.reserve(ident.user_id, ex.tier, estimate, now=ex.started)
             if isinstance(r, Refusal):
                 self._release(ex)
-                self._refuse(flow, ex, 429, "insufficient_quota", "budget_exceeded", r.message(),
+                self._refuse(flow, ex, 429, "insufficient_quota", "budget_exceeded", r.message,
                              {"x-should-retry": "false"})
                 return False
             ex.reservation = (budgets, r)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -184,19 +185,51 @@ def _meta(values: list[str] | None) -> dict[str, str]:
     return meta
 
 
+def missing_metadata(required: Sequence[str], meta: dict[str, str]) -> list[str]:
+    """The policy's ``auth.virtual_keys.metadata_fields`` not given (or given empty) with --meta.
+
+    ``user_id`` is always satisfied: every key has its user (--user), recorded on each request anyway.
+    """
+    return [f for f in required if f != "user_id" and not meta.get(f, "").strip()]
+
+
+def _check_tier(pol, tier: str | None, user: str) -> str | None:
+    """--tier must name a tier of the policy. Returns a note when the policy puts `user` in another tier's
+    shared_users, which wins over the key's tier (budgets.tier_of)."""
+    if tier is None:
+        return None
+    budgets = _budgets(pol)
+    if tier not in budgets.tiers:
+        known = ", ".join(budgets.tiers) or "none defined"
+        raise CliError(f"--tier {tier!r}: no such tier in {pol.path} (budgeting.tiers: {known})")
+    pooled = budgets.tier_of(user, None)
+    if pooled is not None and pooled != tier:
+        return (f"note: user {user!r} is in the shared_users of tier {pooled!r} ({pol.path}), which wins over "
+                f"--tier {tier}: this key's requests run under tier {pooled!r}")
+    return None
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     policy = _policy_file(args)
+    pol = load_policy(policy)
     meta = _meta(args.meta)
-    days = args.expires_days if args.expires_days is not None else key_expiry_from_policy(policy)
+    missing = missing_metadata(pol.auth.metadata_fields, meta)
+    if missing:
+        flags = " ".join(f"--meta {f}=…" for f in missing)
+        raise CliError(f"missing {flags} (required by auth.virtual_keys.metadata_fields in {policy})")
+    note = _check_tier(pol, args.tier, args.user)
+    days = args.expires_days if args.expires_days is not None else pol.auth.expiration_days
     if days is not None and days < 0:
         raise CliError("--expires-days must be >= 0 (0: never expires)")
     con, _path = _open(args, read_only=False)
     try:
-        key, rec = vkeys.create_key(con, args.user, days or None, meta)
+        key, rec = vkeys.create_key(con, args.user, days or None, meta, tier=args.tier)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     finally:
         con.close()
+    if note:
+        print(f"tollgate: {note}", file=sys.stderr)
     if args.json:
         write_json(
             {
@@ -206,6 +239,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
                 "created_at": rec.created_at,
                 "expires_at": rec.expires_at,
                 "metadata": rec.metadata,
+                "tier": rec.tier,
             },
             sys.stdout,
         )
@@ -215,6 +249,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         print("New virtual key (shown once; only its hash is stored):\n")
         print(f"  {key}\n")
         print(f"key_id:   {rec.key_id}\nuser:     {rec.user_id}\nexpires:  {expires}\nmetadata: {meta_text}")
+        if rec.tier:
+            print(f"tier:     {rec.tier}")
     return 0
 
 
@@ -258,11 +294,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             r.status(now),
             _fmt_time(r.created_at),
             _fmt_time(r.expires_at),
+            r.tier or "-",
             ", ".join(f"{k}={v}" for k, v in r.metadata.items()),
         )
         for r in records
     ]
-    print(format_table(("key_id", "user", "status", "created", "expires", "metadata"), rows))
+    print(format_table(("key_id", "user", "status", "created", "expires", "tier", "metadata"), rows))
     return 0
 
 
@@ -338,6 +375,7 @@ _USAGE_GROUPS: dict[str, tuple[str, str, str]] = {
     "model": ("provider, model", "provider, model", "cost_usd DESC NULLS LAST, requests DESC, provider, model"),
     "key": ("key_id, any_value(user_id) AS user", "key_id", "cost_usd DESC NULLS LAST, requests DESC, key_id"),
     "day": ("CAST(timezone('UTC', ts) AS DATE) AS day", "1", "day"),
+    "tier": ("tier", "tier", "cost_usd DESC NULLS LAST, requests DESC, tier"),
 }
 
 
@@ -414,6 +452,149 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- budgets ------------------------------------------------------------------------------------------------
+
+
+def _budgets(pol):
+    """The policy's budgets, built by the gateway's own code (the policy loader has validated them)."""
+    from .budgets import Budgets
+
+    try:
+        return Budgets.from_policy(pol.budgeting, pol.raw.get("alerts"))
+    except ValueError as exc:  # pragma: no cover - load_policy already refused a bad section
+        raise CliError(f"{pol.path}: {exc}") from None
+
+
+def live_status(db_path: str) -> dict[str, Any] | None:
+    """What the running gateway last published beside this ledger (None: no gateway is running).
+
+    read_status drops a stale file; a fresh one whose writer has exited (killed within the last seconds)
+    is dropped too, so its reservations are not reported as in flight.
+    """
+    from .status import read_status, status_path
+
+    data = read_status(status_path(db_path))
+    if data is None:
+        return None
+    pid = data.get("pid")
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:  # alive, but another user's (EPERM)
+            pass
+    return data
+
+
+def _decimal(value: Any) -> Decimal | None:
+    try:
+        return Decimal(str(value))
+    except (ArithmeticError, ValueError):
+        return None
+
+
+def budget_report(budgets, live: dict[str, Any] | None, now: float) -> list[dict[str, Any]]:
+    """One entry per budget in its current period: spent (as loaded into `budgets`), reserved from `live`.
+
+    Per-user budgets appear only for users with spend or a live reservation; `reserved` is None when no
+    gateway is running (nothing can be in flight).
+    """
+    held: dict[str, Decimal] = {}
+    if live is not None:
+        for b in live.get("budgets") or ():
+            amount = _decimal(b.get("reserved")) if isinstance(b, dict) else None
+            if amount is not None:
+                held[str(b.get("id"))] = amount
+    out = []
+    for b in budgets.status(now):
+        reserved = held.get(b["id"], Decimal(0)) if live is not None else None
+        if b["scope"] == "user" and not b["spent"] and not reserved:
+            continue
+        out.append({
+            "id": b["id"], "name": b["name"], "scope": b["scope"], "mode": b["mode"], "reset": b["reset"],
+            "spent": b["spent"], "limit": b["limit"], "pct": b["pct"], "reserved": reserved,
+            "remaining": max(Decimal(0), b["limit"] - b["spent"] - (reserved or 0)),
+            "period_start": b["period_start"], "period_end": b["period_end"], "alert_at": b["alert_at"],
+        })
+    if live is not None:  # users the gateway holds money for that have no spend in the ledger yet
+        known = {e["id"] for e in out}
+        for b in live.get("budgets") or ():
+            if isinstance(b, dict) and b.get("scope") == "user" and b.get("id") not in known \
+                    and held.get(str(b.get("id"))):
+                limit = _decimal(b.get("limit")) or Decimal(0)
+                reserved = held[str(b["id"])]
+                out.append({
+                    "id": b["id"], "name": b.get("name"), "scope": "user", "mode": b.get("mode"),
+                    "reset": b.get("reset"), "spent": Decimal(0), "limit": limit, "pct": 0.0 if limit else None,
+                    "reserved": reserved, "remaining": max(Decimal(0), limit - reserved),
+                    "period_start": b.get("period_start"), "period_end": b.get("period_end"),
+                    "alert_at": b.get("alert_at") or [],
+                })
+    return out
+
+
+def _money(d: Decimal) -> str:
+    """USD with 2 to 9 decimals: cents for whole amounts, nano-dollars (the ledger's unit) when needed."""
+    text = f"{d:.9f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def _budget_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, Decimal):
+        return _money(value)
+    if isinstance(value, float):
+        return f"{value:.1f}%"
+    return _cell(value)
+
+
+def _period_end(value: Any) -> str:
+    if value is None:
+        return "never"
+    if isinstance(value, datetime):  # in the budget's own time zone (budgeting.timezone), as it resets
+        return value.strftime("%Y-%m-%d %H:%M %Z")
+    return str(value)
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    policy = _policy_file(args)
+    pol = load_policy(policy)
+    now = time.time()
+    budgets = _budgets(pol)
+    path = os.path.abspath(str(pol.database))
+    if os.path.exists(path):
+        con, _ = _open(args, read_only=True)
+        try:
+            budgets.load_spend(con, now)
+        except duckdb.CatalogException:
+            pass  # a ledger without a requests table yet: nothing spent
+        except duckdb.Error as exc:
+            raise CliError(f"cannot read {path}: {exc}") from None
+        finally:
+            con.close()
+    live = live_status(path)
+    report = budget_report(budgets, live, now)
+    if args.json:
+        write_json(report, sys.stdout)
+        return 0
+    if not report:
+        print(f"no budgets in {policy} (budgeting.tiers with a limit, budgeting.global, budgeting.per_user)",
+              file=sys.stderr)
+        return 0
+    headers = ("budget", "scope", "mode", "spent", "limit", "%", "reserved", "period end")
+    rows = [(e["name"], e["scope"], e["mode"], e["spent"], e["limit"], e["pct"], e["reserved"],
+             _period_end(e["period_end"])) for e in report]
+    print(format_table(headers, rows, cell=_budget_cell))
+    if live is None:
+        print("(reserved: no running gateway, nothing in flight)")
+    else:
+        print(f"(reserved: held by requests in flight at the running gateway, pid {live.get('pid')})")
+    return 0
+
+
 # --- run / web / env (tollgate.launch) -----------------------------------------------------------------------
 
 
@@ -470,7 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--expires-days", type=int, metavar="N", default=None,
         help="days until it expires; 0: never (default: auth.virtual_keys.expiration_days, else never)",
     )
-    create.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
+    create.add_argument(
+        "--meta", action="append", metavar="KEY=VALUE",
+        help="metadata (repeatable); auth.virtual_keys.metadata_fields are required",
+    )
+    create.add_argument(
+        "--tier", metavar="NAME", default=None,
+        help="the key's tier (a budgeting.tiers name); a tier listing the user in shared_users wins",
+    )
     create.add_argument("--json", action="store_true", help="print a JSON object")
     lst = add(keys_sub, "list", "list keys (never the keys themselves)", cmd_keys_list)
     lst.add_argument("--json", action="store_true", help="print JSON")
@@ -487,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--by", choices=tuple(_USAGE_GROUPS), default="user", help="group by (default: user)")
     usage.add_argument("--since", metavar="YYYY-MM-DD", help="only requests from this UTC date on")
     usage.add_argument("--json", action="store_true", help="print JSON")
+
+    budgets = add(sub, "budgets", "each budget's spend, limit and reservations in its current period",
+                  cmd_budgets)
+    budgets.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 

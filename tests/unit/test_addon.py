@@ -89,3 +89,23 @@ def test_bad_policy_is_an_options_error(tmp_path):
     with taddons.context(g) as tctx:
         with pytest.raises(exceptions.OptionsError, match="providers.openai.api_kye: unknown key"):
             tctx.configure(g, tollgate_policy=str(tmp_path / "bad.yaml"))
+
+
+def test_spent_budget_is_a_native_429_that_says_do_not_retry(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        f"providers: {{openai: {{api_key: {REAL}}}}}\n"
+        "budgeting: {per_user: {limit_usd: 0, reset: daily, mode: enforce}}\n"
+        f"analytics: {{database: {tmp_path / 'u.duckdb'}}}\n")
+    g = Gateway()
+    with taddons.context(g) as tctx:
+        tctx.configure(g, tollgate_policy=str(tmp_path / "p.yaml"))
+        from datetime import datetime, timezone
+        g.auth.set_keys({hash_key(VKEY): KeyRecord("vk_1", hash_key(VKEY), "alice",
+                                                   datetime.now(timezone.utc), None, None, {})})
+        f = openai_flow(VKEY)
+        g.requestheaders(f)
+        asyncio.run(g.request(f))
+        g.done()
+    assert f.response.status_code == 429
+    assert f.response.headers["x-should-retry"] == "false"
+    assert json.loads(f.response.content)["error"]["code"] == "insufficient_quota"

@@ -492,3 +492,234 @@ def test_format_table_alignment():
     assert lines[1] == "----  ---  ----"
     assert lines[2] == "a       1   0.5"
     assert lines[3] == "bbbb  100  NULL"
+
+
+# --- keys create: required metadata and tiers -------------------------------------------------------------------
+
+_TIERED = """analytics: {database: usage.duckdb}
+auth: {virtual_keys: {metadata_fields: [user_id, project, team]}}
+budgeting:
+  tiers:
+    - {name: team-basic, monthly_limit_usd: 100, shared_users: [alice, bob]}
+    - {name: pro, limit_usd: 5, reset: daily}
+    - {name: limits-only, rate_limits: {requests_per_minute: 10}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [
+        ([], ["project", "team"]),
+        (["--meta", "project=x"], ["team"]),
+        (["--meta", "project=x", "--meta", "team="], ["team"]),  # empty counts as missing
+        (["--meta", "project=x", "--meta", "team=y", "--meta", "user_id=z"], []),
+        (["--meta", "project=x", "--meta", "team=y"], []),  # user_id: satisfied by --user
+    ],
+)
+def test_keys_create_requires_metadata_fields(policy, db, capsys, argv, missing):
+    policy.write_text(_TIERED)
+    code, out, err = run(capsys, "keys", "create", "--policy", str(policy), "--user", "carol", "--json", *argv)
+    if missing:
+        assert code == 1 and out == ""
+        flags = " ".join(f"--meta {f}=…" for f in missing)
+        assert f"missing {flags} (required by auth.virtual_keys.metadata_fields" in err
+        assert not os.path.exists(db) or not vkeys.list_keys(connect(db, read_only=True))
+    else:
+        assert code == 0, err
+        assert json.loads(out)["user_id"] == "carol"
+
+
+@pytest.mark.parametrize("fields", [[], ["user_id"]])
+def test_keys_create_without_required_metadata_policy(policy, capsys, fields):
+    policy.write_text(f"auth: {{virtual_keys: {{metadata_fields: {fields}}}}}\n")
+    assert create(capsys, policy)["metadata"] == {}
+
+
+@pytest.mark.parametrize(
+    ("user", "tier", "code", "message"),
+    [
+        ("carol", "pro", 0, ""),
+        ("carol", "limits-only", 0, ""),  # a tier without a budget is still a tier
+        ("alice", "team-basic", 0, ""),  # the same tier the policy pools her in: no note
+        ("alice", "pro", 0, "shared_users of tier 'team-basic'"),  # stored, but the policy's pool wins
+        ("carol", "nope", 1, "--tier 'nope': no such tier"),
+        ("carol", "PRO", 1, "budgeting.tiers: team-basic, pro, limits-only"),
+    ],
+)
+def test_keys_create_tier(policy, db, capsys, user, tier, code, message):
+    policy.write_text(_TIERED)
+    got, out, err = run(capsys, "keys", "create", "--policy", str(policy), "--user", user, "--tier", tier,
+                        "--meta", "project=p", "--meta", "team=t", "--json")
+    assert got == code, err
+    assert message in err
+    if code:
+        return
+    assert json.loads(out)["tier"] == tier
+    con = connect(db, read_only=True)
+    (stored,) = vkeys.list_keys(con)
+    con.close()
+    assert stored.tier == tier
+    _, js, _ = run(capsys, "keys", "list", "--json", "--policy", str(policy))
+    assert json.loads(js)[0]["tier"] == tier
+    _, table, _ = run(capsys, "keys", "list", "--policy", str(policy))
+    assert table.splitlines()[0].split()[5] == "tier" and f" {tier} " in table
+
+
+def test_keys_create_tier_without_budgeting(policy, capsys):
+    code, _, err = run(capsys, "keys", "create", "--policy", str(policy), "--user", "u", "--tier", "x")
+    assert code == 1 and "no such tier" in err and "none defined" in err
+
+
+def test_keys_create_plain_shows_tier(policy, capsys):
+    policy.write_text(_TIERED)
+    code, out, _ = run(capsys, "keys", "create", "--policy", str(policy), "--user", "carol", "--tier", "pro",
+                       "--meta", "project=p", "--meta", "team=t")
+    assert code == 0 and "tier:     pro" in out
+
+
+# --- usage --by tier ------------------------------------------------------------------------------------------
+
+
+def test_usage_by_tier(policy, db, capsys):
+    fill(db, [
+        {**row("alice", "openai:gpt-4o-mini", "1"), "tier": "team"},
+        {**row("bob", "openai:gpt-4o-mini", "2"), "tier": "team"},
+        {**row("carol", "openai:gpt-4o-mini", "0.5"), "tier": "pro"},
+        row("dave", "openai:gpt-4o-mini", "0.25"),
+    ])
+    code, out, _ = run(capsys, "usage", "--by", "tier", "--json", "--policy", str(policy))
+    assert code == 0
+    data = json.loads(out, parse_float=Decimal)
+    assert [(d["tier"], d["requests"], d["cost_usd"]) for d in data] == [
+        ("team", 2, Decimal("3")), ("pro", 1, Decimal("0.5")), (None, 1, Decimal("0.25"))]
+    code, out, _ = run(capsys, "usage", "--by", "tier", "--policy", str(policy))
+    lines = out.splitlines()
+    assert lines[0].split()[0] == "tier" and lines[2].split()[:2] == ["team", "2"]
+    assert lines[4].split()[0] == "-"  # requests under no tier
+
+
+# --- budgets --------------------------------------------------------------------------------------------------
+
+_BUDGETED = """analytics: {database: usage.duckdb}
+budgeting:
+  tiers:
+    - {name: team, limit_usd: 10, reset: daily, shared_users: [alice, bob], alert_at: [0.5]}
+    - {name: pro, monthly_limit_usd: 1}
+    - {name: limits-only, rate_limits: {requests_per_minute: 10}}
+  global: {limit_usd: 100, mode: track}
+  per_user: {limit_usd: 2, reset: weekly}
+"""
+
+
+def budget_rows() -> list[dict]:
+    return [
+        {**row("alice", "openai:gpt-4o-mini", "1.5"), "tier": "team"},
+        {**row("bob", "openai:gpt-4o-mini", "0.000000123"), "tier": "team"},
+        {**row("alice", "openai:gpt-4o-mini", "7", days_ago=40), "tier": "team"},  # an earlier period
+        row("carol", "openai:gpt-4o-mini", "0.25"),
+        row("dave", "openai:gpt-4o-mini", None),  # unpriced: no spend, so no line
+        {**row("erin", "openai:gpt-4o-mini", "0.1"), "tier": "pro"},
+    ]
+
+
+def budgets_json(capsys, policy) -> dict[str, dict]:
+    code, out, err = run(capsys, "budgets", "--json", "--policy", str(policy))
+    assert code == 0, err
+    return {b["id"]: b for b in json.loads(out, parse_float=Decimal)}
+
+
+def test_budgets_spent_from_the_ledger(policy, db, capsys):
+    policy.write_text(_BUDGETED)
+    fill(db, budget_rows())
+    got = budgets_json(capsys, policy)
+    assert list(got) == ["tier:team", "tier:pro", "user:carol", "global"]  # pools, users with spend, global
+    team = got["tier:team"]
+    assert (team["name"], team["scope"], team["mode"], team["reset"]) == ("team", "tier", "enforce", "daily")
+    assert (team["spent"], team["limit"], team["remaining"]) == (Decimal("1.500000123"), 10, Decimal("8.499999877"))
+    assert float(team["pct"]) == pytest.approx(15.00000123) and team["reserved"] is None
+    start, end = (datetime.fromisoformat(team[k]) for k in ("period_start", "period_end"))
+    assert end == start + timedelta(days=1)
+    assert got["tier:pro"]["spent"] == Decimal("0.1") and got["user:carol"]["spent"] == Decimal("0.25")
+    assert got["user:carol"]["limit"] == 2
+    assert got["global"]["spent"] == Decimal("1.850000123") and got["global"]["mode"] == "track"
+
+
+def test_budgets_table(policy, db, capsys):
+    policy.write_text(_BUDGETED)
+    fill(db, budget_rows())
+    code, out, _ = run(capsys, "budgets", "--policy", str(policy))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["budget", "scope", "mode", "spent", "limit", "%", "reserved", "period", "end"]
+    cells = {ln.split()[0]: ln.split() for ln in lines[2:-1]}
+    assert cells["team"][:7] == ["team", "tier", "enforce", "1.500000123", "10.00", "15.0%", "-"]
+    assert cells["carol"][:6] == ["carol", "user", "enforce", "0.25", "2.00", "12.5%"]
+    assert cells["global"][2:5] == ["track", "1.850000123", "100.00"]
+    end = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+    assert cells["team"][7:] == [end, "00:00", "UTC"]
+    assert "no running gateway" in lines[-1]
+    assert lines[0].index("spent") + len("spent") == lines[2].index("1.500000123") + len("1.500000123")  # right-aligned
+
+
+def test_budgets_reserved_comes_from_the_running_gateway(policy, db, capsys):
+    from tollgate.budgets import Budgets
+    from tollgate.status import status_path, write_status
+
+    policy.write_text(_BUDGETED)
+    fill(db, budget_rows())
+    live = Budgets.from_policy(cli.load_policy(str(policy)).budgeting)
+    live.reserve("alice", None, Decimal("0.75"))
+    live.reserve("frank", None, Decimal("0.5"))  # in flight, nothing in the ledger yet: still shown
+    status = {"written_at": datetime.now(UTC).timestamp(), "pid": os.getpid(), "budgets": live.status()}
+    write_status(status_path(db), status)
+    got = budgets_json(capsys, policy)
+    assert got["tier:team"]["reserved"] == Decimal("0.75")
+    assert got["tier:team"]["remaining"] == Decimal("7.749999877")
+    assert got["global"]["reserved"] == Decimal("1.25")
+    assert got["tier:pro"]["reserved"] == 0 and got["user:carol"]["reserved"] == 0
+    assert got["user:frank"]["reserved"] == Decimal("0.5") and got["user:frank"]["spent"] == 0
+    code, out, _ = run(capsys, "budgets", "--policy", str(policy))
+    assert f"pid {os.getpid()}" in out
+    assert [ln.split()[6] for ln in out.splitlines() if ln.startswith("team ")] == ["0.75"]
+
+
+@pytest.mark.parametrize("how", ["stale", "dead pid", "garbage"])
+def test_budgets_ignores_a_gone_gateway(policy, db, capsys, how):
+    from tollgate.status import status_path, write_status
+
+    policy.write_text(_BUDGETED)
+    fill(db, budget_rows())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    status = {"written_at": datetime.now(UTC).timestamp() - (60 if how == "stale" else 0),
+              "pid": dead.pid if how == "dead pid" else os.getpid(),
+              "budgets": [{"id": "tier:team", "reserved": "0.5"}]}
+    write_status(status_path(db), status)
+    if how == "garbage":
+        Path(status_path(db)).write_text("{not json")
+    assert budgets_json(capsys, policy)["tier:team"]["reserved"] is None
+
+
+def test_budgets_without_ledger_or_budgets(policy, capsys):
+    code, out, err = run(capsys, "budgets", "--policy", str(policy))
+    assert code == 0 and "no budgets in" in err
+    assert run(capsys, "budgets", "--json", "--policy", str(policy))[1] == "[]\n"
+    policy.write_text(_BUDGETED)  # budgets but no ledger yet: nothing spent
+    got = budgets_json(capsys, policy)
+    assert list(got) == ["tier:team", "tier:pro", "global"]
+    assert all(b["spent"] == 0 for b in got.values())
+
+
+def test_budgets_period_end_in_the_policy_time_zone(policy, capsys):
+    policy.write_text("budgeting: {timezone: Asia/Tokyo, global: {limit_usd: 1, reset: never}, "
+                      "tiers: [{name: t, limit_usd: 1, reset: daily}]}\n")
+    code, out, _ = run(capsys, "budgets", "--policy", str(policy))
+    assert code == 0
+    cells = {ln.split()[0]: ln.split() for ln in out.splitlines()[2:-1]}
+    assert cells["t"][-1] == "JST" and cells["global"][-1] == "never"
+
+
+@pytest.mark.parametrize(("amount", "text"), [("0", "0.00"), ("100", "100.00"), ("1.5", "1.50"),
+                                              ("0.000123", "0.000123"), ("0.000000009", "0.000000009")])
+def test_money_format(amount, text):
+    assert cli._money(Decimal(amount)) == text
