@@ -56,6 +56,7 @@ class Gateway:
         self.controls: Controls | None = None
         self.ledger: Ledger | None = None
         self.live: dict[str, Exchange] = {}
+        self.flows: dict[str, http.HTTPFlow] = {}  # the flows of self.live, for done()
         self.redactor = RedactingFilter()
         self._estimator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-estimate")
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tollgate-io")
@@ -73,7 +74,8 @@ class Gateway:
     def load(self, loader) -> None:
         loader.add_option("tollgate_policy", str, "policies.yaml",
                           "tollgate policy file (providers, keys, limits, budgets, ledger).")
-        loader.add_option("tollgate_flush_interval", float, 0.25,
+        # str, not float: mitmproxy's --set parses only str, int, bool and sequences.
+        loader.add_option("tollgate_flush_interval", str, "0.25",
                           "Seconds between ledger writes (rows wait in memory and a spool meanwhile).")
         self.redactor.install()
 
@@ -104,7 +106,7 @@ class Gateway:
         if self.ledger is None or os.path.abspath(self.ledger.path) != os.path.abspath(pol.database):
             if self.ledger is not None:
                 self.ledger.stop()
-            self.ledger = Ledger(str(pol.database), flush_interval=ctx.options.tollgate_flush_interval,
+            self.ledger = Ledger(str(pol.database), flush_interval=_seconds(ctx.options.tollgate_flush_interval),
                                  on_keys=self.auth.set_keys)
             self.ledger.start()
         if old is not None and old.alerts is not None and old.alerts is not controls.alerts:
@@ -122,6 +124,21 @@ class Gateway:
         await self._spend_loaded()
 
     def done(self) -> None:
+        # Flows still in flight hold the real key (from `request` until the answer's headers). mitmproxy's Save
+        # addon writes them as they are right after this hook, and their error hook would only come after the
+        # ledger has stopped: redact them and write their rows now.
+        for flow_id, flow in list(self.flows.items()):
+            ex = self.live.pop(flow_id, None)
+            if ex is None:
+                continue
+            self._redact(flow, ex)
+            if ex.outcome == "ok":
+                ex.outcome, ex.error = "client_aborted", "the gateway shut down during the request"
+                self._usage_from_tap(ex)
+                if ex.usage is None or ex.usage.source != "provider":
+                    ex.usage = Usage(source="estimated", input_tokens=tokens.rough_tokens(ex.body_size))
+            self._finish(flow, ex, time.time())
+        self.flows.clear()
         if self._watcher is not None:
             self._watcher.cancel()
         if self.ledger is not None:
@@ -219,6 +236,7 @@ class Gateway:
                 return
             ex = Exchange(provider=provider, endpoint=path, started=req.timestamp_start, wire=provider.protocol)
         self.live[flow.id] = ex
+        self.flows[flow.id] = flow
         cred = prov.find_credential(ex.wire, req.headers, req.query if "?" in req.path else {})
         if cred is None:
             return self._refuse(flow, ex, 401, "invalid_api_key", "unauthorized",
@@ -303,6 +321,7 @@ class Gateway:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         ex = self.live.pop(flow.id, None)
+        self.flows.pop(flow.id, None)
         if ex is None:
             return
         self._redact(flow, ex)
@@ -317,10 +336,11 @@ class Gateway:
                 await self._usage_from_answer(ex, resp)
                 if ex.usage is None or ex.usage.source != "provider":
                     await self._estimate(ex)
-        await self._finish(flow, ex, resp.timestamp_end)
+        self._finish(flow, ex, resp.timestamp_end)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         ex = self.live.pop(flow.id, None)
+        self.flows.pop(flow.id, None)
         if ex is None:
             return
         self._redact(flow, ex)
@@ -333,7 +353,7 @@ class Gateway:
             self._usage_from_tap(ex)
             if ex.usage is None or ex.usage.source != "provider":
                 await self._estimate(ex)
-        await self._finish(flow, ex, flow.error.timestamp if flow.error else None)
+        self._finish(flow, ex, flow.error.timestamp if flow.error else None)
 
     # --- admission: rate limits, then budgets ---------------------------------------------------
 
@@ -517,7 +537,7 @@ class Gateway:
             u.input_tokens, u.output_tokens = est_in, est_out
         ex.usage = u
 
-    async def _finish(self, flow: http.HTTPFlow, ex: Exchange, end: float | None) -> None:
+    def _finish(self, flow: http.HTTPFlow, ex: Exchange, end: float | None) -> None:
         ex.body = None
         billed = ex.usage is not None and ex.provider is not None \
             and ex.outcome in ("ok", "upstream_error", "client_aborted")
@@ -581,3 +601,13 @@ def _estimate_tokens(protocol: str, kind: str, body: Any, model: str | None, out
     est_in = tokens.estimate_input_tokens(protocol, kind, body, model) if body is not None else 0
     est_out = tokens.count_text(out_text, model) if out_text else 0
     return est_in, est_out
+
+
+def _seconds(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 3600:
+        raise exceptions.OptionsError(f"tollgate_flush_interval: expected seconds (0 < x <= 3600), not {value!r}")
+    return v

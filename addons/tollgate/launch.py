@@ -73,7 +73,7 @@ def ca_bundle(confdir: str = DEFAULT_CONFDIR) -> tuple[Path, Path]:
     cdir.mkdir(parents=True, exist_ok=True)
     certs.CertStore.from_store(cdir, "mitmproxy", 2048)  # creates the CA on first use, like mitmproxy does
     ca = cdir / "mitmproxy-ca-cert.pem"
-    roots = _system_roots()
+    roots = _system_roots(exclude=cdir / "tollgate-ca-bundle.pem")
     bundle = cdir / "tollgate-ca-bundle.pem"
     content = (roots.read_text() if roots else "") + "\n" + ca.read_text()
     if not bundle.exists() or bundle.read_text() != content:
@@ -83,10 +83,12 @@ def ca_bundle(confdir: str = DEFAULT_CONFDIR) -> tuple[Path, Path]:
     return bundle, ca
 
 
-def _system_roots() -> Path | None:
+def _system_roots(exclude: Path) -> Path | None:
+    # paths.cafile is $SSL_CERT_FILE when set, which in an app's shell is our own bundle: prefer OpenSSL's
+    # compiled-in file, and never read the bundle back into itself.
     paths = ssl.get_default_verify_paths()
-    for p in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
-        if p and os.path.isfile(p):
+    for p in (paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt", paths.cafile):
+        if p and os.path.isfile(p) and Path(p).resolve() != exclude.resolve():
             return Path(p)
     try:
         import certifi  # a dependency of the SDKs, not of tollgate: only a fallback
