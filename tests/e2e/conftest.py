@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for stand
 
 from standin import Standin  # noqa: E402
 
-from .harness import REAL_KEYS, Gateway, base_policy  # noqa: E402
+from .harness import REAL_KEYS, Gateway, Proc, base_policy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +28,11 @@ def confdir(tmp_path_factory):
 def make_gateway(tmp_path, standin, confdir):
     started = []
 
-    def make(policy_update=None, name="gw", extra_args=None) -> Gateway:
+    def make(policy_update=None, name="gw", extra_args=None, program="mitmdump") -> Gateway:
         pol = base_policy(standin.port, tmp_path / name / "usage.duckdb")
         if policy_update:
             policy_update(pol)
-        gw = Gateway(tmp_path / name, pol, confdir, extra_args).start()
+        gw = Gateway(tmp_path / name, pol, confdir, extra_args, program=program).start()
         started.append(gw)
         return gw
 
@@ -48,3 +48,19 @@ def gateway(tmp_path_factory, standin, confdir):
     gw = Gateway(d, base_policy(standin.port, d / "usage.duckdb"), confdir).start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def procs():
+    """Start command-line processes with procs.start(args, log_file, env=…, cwd=…); all are stopped after."""
+    started: list[Proc] = []
+
+    class Procs:
+        def start(self, args, log_file, env=None, cwd=None) -> Proc:
+            p = Proc([str(a) for a in args], log_file, env=env, cwd=cwd)
+            started.append(p)
+            return p
+
+    yield Procs()
+    for p in started:
+        p.stop()

@@ -9,9 +9,13 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -61,10 +65,34 @@ def base_policy(standin_port: int, db: Path) -> dict:
     }
 
 
+def wait_key(proxy_port: int, confdir: Path, key: str, timeout: float = 15) -> None:
+    """Wait until the gateway on proxy_port honours a new virtual key (it polls the keys table, within 2 s).
+
+    Probes `GET https://api.openai.com/v1/models` with the key every 0.1 s until it is no longer refused as
+    unknown; each probe is a request like any other (a flow, a ledger row).
+    """
+    ctx = ssl.create_default_context(cafile=str(confdir / "mitmproxy-ca-cert.pem"))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({"https": f"http://127.0.0.1:{proxy_port}"}),
+        urllib.request.HTTPSHandler(context=ctx))
+    probe = urllib.request.Request("https://api.openai.com/v1/models", headers={"Authorization": f"Bearer {key}"})
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            opener.open(probe, timeout=10).close()
+            return
+        except urllib.error.HTTPError as e:
+            if b"invalid_api_key" not in e.read():
+                return  # refused for another reason (e.g. no real key for openai): the key itself is known
+        assert time.monotonic() < deadline, f"the gateway did not honour a new key within {timeout}s"
+        time.sleep(0.1)
+
+
 class Gateway:
     """A mitmdump process running tollgate, plus helpers to use it as an app and as an auditor would."""
 
-    def __init__(self, workdir: Path, policy: dict, confdir: Path, extra_args: list[str] | None = None):
+    def __init__(self, workdir: Path, policy: dict, confdir: Path, extra_args: list[str] | None = None,
+                 program: str = "mitmdump", web_password: str = "secret"):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.confdir = confdir
@@ -77,21 +105,31 @@ class Gateway:
         self.log_file = self.dir / "mitmdump.log"
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
+        self.program = program  # "mitmdump", or "mitmweb" (then web_port serves its UI and HTTP API)
+        self.web_password = web_password
+        self.web_port = free_port() if program == "mitmweb" else None
 
     # --- process ---------------------------------------------------------------------------------
 
     def start(self) -> "Gateway":
+        web = [] if self.web_port is None else [
+            "--web-host", "127.0.0.1", "--web-port", str(self.web_port),
+            "--set", "web_open_browser=false", "--set", f"web_password={self.web_password}",
+        ]
         args = [
-            str(BIN / "mitmdump"), "-s", str(GATEWAY_SCRIPT),
+            str(BIN / self.program), "-s", str(GATEWAY_SCRIPT),
             "--set", f"tollgate_policy={self.policy_file}",
             "--set", f"confdir={self.confdir}",
             "--listen-host", "127.0.0.1", "--mode", f"regular@{self.port}",
             "-w", str(self.flows_file),
+            *web,
             *self.extra_args,
         ]
         self._log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir)
         wait_port(self.port, self.proc)
+        if self.web_port is not None:
+            wait_port(self.web_port, self.proc)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
@@ -137,9 +175,25 @@ class Gateway:
             raise AssertionError(f"tollgate {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r.stdout + r.stderr
 
-    def create_key(self, user: str, *extra: str) -> dict:
+    def create_key(self, user: str, *extra: str, live: bool = False) -> dict:
+        """A new virtual key; live=True also waits until the running gateway honours it (it polls the keys
+        table, within 2 s): a probe `GET /v1/models` per 0.1 s until it is no longer refused as unknown."""
         out = self.tollgate("keys", "create", "--user", user, "--json", *extra)
-        return json.loads(out[out.index("{"):out.rindex("}") + 1])
+        key = json.loads(out[out.index("{"):out.rindex("}") + 1])
+        if live:
+            self.wait_key(key["key"])
+        return key
+
+    def wait_key(self, key: str, timeout: float = 15) -> None:
+        wait_key(self.port, self.confdir, key, timeout)
+
+    def web_get(self, path: str, timeout: float = 20) -> bytes:
+        """GET from mitmweb's HTTP API (the same routes its UI uses), authenticated with the password."""
+        assert self.web_port is not None, "not a mitmweb gateway"
+        sep = "&" if "?" in path else "?"
+        url = f"http://127.0.0.1:{self.web_port}{path}{sep}token={urllib.parse.quote(self.web_password)}"
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # never through a proxy: no env proxies here
+            return r.read()
 
     # --- as an auditor ---------------------------------------------------------------------------
 
@@ -166,3 +220,143 @@ class Gateway:
             if wait_for is None or len(rows) >= wait_for or time.monotonic() > deadline:
                 return rows
             time.sleep(0.1)
+
+
+# --- other processes ---------------------------------------------------------------------------------------
+
+
+class Proc:
+    """A command-line process under test (`tollgate run`, `scripts/run`…) with its output in a file.
+
+    stop() always ends it (SIGKILL after `timeout`), so a test that fails half-way leaves nothing behind.
+    """
+
+    def __init__(self, args: list[str], log_file: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
+        self.args = args
+        self.log_file = log_file
+        self._log = open(log_file, "ab")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                     stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_port(self, port: int, timeout: float = 30) -> None:
+        wait_port(port, self.proc, timeout)
+
+    def wait(self, timeout: float) -> int:
+        """The exit status; kills the process and fails if it is still running after `timeout`."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"{self.args[0]} still running after {timeout}s:\n{self.output()}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without proxies and provider keys (a fresh shell on a fresh machine), plus extra."""
+    drop = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "TOLLGATE_MASTER_KEY",
+            "TOLLGATE_POLICY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.lower().endswith("_proxy")}
+    env.update(extra)
+    return env
+
+
+# --- looking for secrets -------------------------------------------------------------------------------------
+
+
+def find_secrets(data: bytes | str, secrets: dict[str, str]) -> list[str]:
+    """Names of the secrets that occur in data (exact substrings)."""
+    blob = data if isinstance(data, bytes) else data.encode("utf-8", "replace")
+    return [name for name, value in secrets.items() if value and value.encode() in blob]
+
+
+def read_flows(path: Path) -> list:
+    """The flows mitmproxy saved with `-w` (a truncated last record, from a killed process, is skipped)."""
+    from mitmproxy import exceptions, io
+
+    flows = []
+    with open(path, "rb") as f:
+        try:
+            for flow in io.FlowReader(f).stream():
+                flows.append(flow)
+        except exceptions.FlowReadException:
+            pass
+    return flows
+
+
+def flow_parts(flow) -> dict[str, bytes]:
+    """Every place of a saved flow a credential could hide in, by name, as bytes.
+
+    Bodies are taken both raw (as stored, possibly compressed) and decoded; the full serialized state is
+    included last so nothing is missed (certificates, connection data, websocket messages…).
+    """
+    parts: dict[str, bytes] = {}
+
+    def text(v) -> bytes:
+        return v if isinstance(v, bytes) else str(v).encode("utf-8", "replace")
+
+    for side in ("request", "response"):
+        msg = getattr(flow, side, None)
+        if msg is None:
+            continue
+        for i, (k, v) in enumerate(msg.headers.fields):
+            parts[f"{side}.headers[{k.decode(errors='replace')}]#{i}"] = k + b": " + v
+        parts[f"{side}.raw_content"] = msg.raw_content or b""
+        try:
+            parts[f"{side}.content"] = msg.get_content(strict=False) or b""
+        except ValueError:
+            pass
+        if msg.trailers:
+            parts[f"{side}.trailers"] = text(msg.trailers.fields)
+    req = getattr(flow, "request", None)
+    if req is not None:
+        parts["request.url"] = text(req.url)
+        parts["request.pretty_url"] = text(req.pretty_url)
+        parts["request.path"] = text(req.path)
+    parts["comment"] = text(flow.comment)
+    parts["metadata"] = text(json.dumps(flow.metadata, default=str))
+    if flow.error is not None:
+        parts["error"] = text(flow.error.msg)
+    parts["state"] = text(repr(flow.get_state()))
+    return parts
+
+
+def ledger_dump(db: Path) -> str:
+    """Every row of every table and view in the ledger file, as text (read-only, retried while locked)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            con = duckdb.connect(str(db), read_only=True)
+            break
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        out = []
+        for (name,) in con.execute("select table_name from duckdb_tables() union all "
+                                   "select view_name from duckdb_views() where not internal").fetchall():
+            out.append(f"== {name}")
+            out += [repr(row) for row in con.execute(f'select * from "{name}"').fetchall()]
+        return "\n".join(out)
+    finally:
+        con.close()

@@ -29,7 +29,7 @@ def app_env(gateway, monkeypatch):
 
 @pytest.fixture(scope="module")
 def alice(gateway):
-    return gateway.create_key("alice", "--meta", "project=demo")
+    return gateway.create_key("alice", "--meta", "project=demo", live=True)
 
 
 def last_request(standin, api_prefix: str):

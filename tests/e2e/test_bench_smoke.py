@@ -1,0 +1,35 @@
+"""scripts/bench --quick runs end to end: nginx, bare mitmdump and tollgate, hey through both, the paced
+time-to-first-token client, and the ledger count. Proves the benchmark works; its figures mean nothing here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "scripts" / "bench"
+
+
+@pytest.mark.timeout(420)  # the install may download hey and nginx; the run itself is bounded to 60 s below
+def test_bench_quick(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    inst = subprocess.run([str(BENCH), "--install"], capture_output=True, text=True, env=env, timeout=360)
+    if inst.returncode == 2:
+        pytest.skip(f"hey/nginx cannot be installed here: {inst.stderr.strip()[-300:]}")
+    assert inst.returncode == 0, inst.stdout + inst.stderr
+
+    out = tmp_path / "bench.json"
+    r = subprocess.run([str(BENCH), "--quick", "--json", str(out)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+    assert "| path | bare req/s | tollgate req/s |" in r.stdout
+    assert "Command: `scripts/bench --quick" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    for path, by_proxy in res["runs"].items():
+        for proxy, run in by_proxy.items():
+            assert run["n"] > 0 and run["ok"] == run["n"], (path, proxy, run)
+    assert res["ledger"]["rows"] == res["ledger"]["sent"] == res["ledger"]["outcomes"].get("ok"), res["ledger"]
+    assert res["ttft_ms"]["tollgate"]["median"] > 0 and res["ttft_ms"]["bare"]["median"] > 0
