@@ -26,7 +26,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from . import providers as prov
-from . import tokens, unified
+from . import native_errors, tokens, unified
 from .auth import Authenticator
 from .budgets import Refusal
 from .controls import Controls
@@ -78,6 +78,7 @@ class Gateway:
         loader.add_option("tollgate_flush_interval", str, "0.25",
                           "Seconds between ledger writes (rows wait in memory and a spool meanwhile).")
         self.redactor.install()
+        native_errors.install()
 
     def configure(self, updated: set[str]) -> None:
         if "tollgate_policy" not in updated:
@@ -148,6 +149,7 @@ class Gateway:
         self._estimator.shutdown(wait=False, cancel_futures=True)
         self._io.shutdown(wait=False, cancel_futures=True)
         self.redactor.uninstall()
+        native_errors.uninstall()
 
     async def _watch_policy(self) -> None:
         """Hot reload: an edit takes effect within POLICY_POLL; a broken one is refused, the old stays.
@@ -290,12 +292,29 @@ class Gateway:
         target = target or provider.redirect(req.path)
         if target is not None:
             req.scheme, req.host, req.port, req.path = target
+        ex.timer = asyncio.get_running_loop().call_later(
+            self.policy.gateway.upstream_timeout, self._upstream_timeout, flow)
+
+    def _upstream_timeout(self, flow: http.HTTPFlow) -> None:
+        """No answer in time: close the upstream connection, so the app gets an error (and the row says
+        why) instead of waiting forever. mitmproxy cannot kill a flow in transit (its issue 4711)."""
+        ex = self.live.get(flow.id)
+        if ex is None:
+            return
+        ex.error = f"no answer from the provider within {self.policy.gateway.upstream_timeout:g} s"
+        log.warning("tollgate: %s %s: %s", ex.provider.name if ex.provider else "?", ex.endpoint, ex.error)
+        server = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(flow.client_conn.id) if server is not None else None
+        if handler is not None and flow.server_conn in handler.transports:
+            handler.close_connection(flow.server_conn)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = self.live.get(flow.id)
         if ex is None:
             return
         self._redact(flow, ex)
+        if ex.timer is not None:
+            ex.timer.cancel()
         resp = flow.response
         assert resp is not None
         if ex.subject is not None:
@@ -344,15 +363,22 @@ class Gateway:
         if ex is None:
             return
         self._redact(flow, ex)
+        if ex.timer is not None:
+            ex.timer.cancel()
         msg = flow.error.msg if flow.error else "unknown error"
         if ex.outcome == "ok":
             ex.outcome = "client_aborted" if "client" in msg.lower() else "upstream_error"
-            ex.error = msg
+            ex.error = ex.error or msg
             if flow.response is not None:
                 ex.status_code = flow.response.status_code
-            self._usage_from_tap(ex)
-            if ex.usage is None or ex.usage.source != "provider":
-                await self._estimate(ex)
+                self._usage_from_tap(ex)
+                if ex.usage is None or ex.usage.source != "provider":
+                    await self._estimate(ex)  # a cut stream bills what was produced so far
+            elif ex.outcome == "upstream_error":
+                ex.status_code = 502  # mitmproxy answered the app; the provider produced nothing
+                ex.usage = Usage(source="estimated")
+            else:
+                await self._estimate(ex)  # the app gave up while the provider was working on the prompt
         self._finish(flow, ex, flow.error.timestamp if flow.error else None)
 
     # --- admission: rate limits, then budgets ---------------------------------------------------

@@ -78,6 +78,7 @@ class Gateway:
     port: int = 8000  # unified OpenAI-compatible API (as in the brief)
     proxy_port: int = 8080  # HTTPS_PROXY
     default_provider: str | None = "openai"  # unified API: where a model without "provider:" goes
+    upstream_timeout: float = 600.0  # seconds to the answer's first byte (reasoning models think for minutes)
 
 
 @dataclass(slots=True)
@@ -280,7 +281,7 @@ def _str(v: Any, p: Path | None, keypath: str) -> str:
 
 
 def _gateway(d: dict, p: Path | None) -> Gateway:
-    _check_keys(d, {"host", "port", "proxy_port", "default_provider"}, p, "gateway")
+    _check_keys(d, {"host", "port", "proxy_port", "default_provider", "upstream_timeout"}, p, "gateway")
     g = Gateway()
     if "host" in d:
         g.host = _str(d["host"], p, "gateway.host")
@@ -288,6 +289,11 @@ def _gateway(d: dict, p: Path | None) -> Gateway:
         g.port = _int(d["port"], p, "gateway.port", 0, 65535)
     if "proxy_port" in d:
         g.proxy_port = _int(d["proxy_port"], p, "gateway.proxy_port", 0, 65535)
+    if d.get("upstream_timeout") is not None:
+        t = d["upstream_timeout"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 86400:
+            raise PolicyError(p, "gateway.upstream_timeout", f"must be seconds between 0 and 86400, not {t!r}")
+        g.upstream_timeout = float(t)
     if d.get("default_provider") is not None:
         g.default_provider = _str(d["default_provider"], p, "gateway.default_provider")
     if g.port and g.port == g.proxy_port:
