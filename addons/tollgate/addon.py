@@ -336,6 +336,8 @@ class Gateway:
                 del resp.headers["content-encoding"]
                 resp.headers.pop("content-length", None)
         ex.tap = StreamTap(prov.StreamUsage(ex.wire, ex.kind), sse=sse, strip_usage=ex.strip_usage, decode=decode)
+        if ex.tap.strip_usage:
+            resp.headers.pop("content-length", None)  # the body shrinks; a stale length would hang the app
         resp.stream = ex.tap
 
     async def response(self, flow: http.HTTPFlow) -> None:

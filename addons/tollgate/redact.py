@@ -14,6 +14,9 @@ MASK = "[REDACTED]"
 KEY_SHAPES = r"sk-(?:proj-|ant-)?[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{30,}|tg-[A-Za-z0-9_-]{20,}"
 
 
+_PREFIXES = ("sk-", "AIza", "tg-")  # every KEY_SHAPES match starts with one of these
+
+
 def scrub(text: str, pattern: re.Pattern) -> str:
     return pattern.sub(MASK, text)
 
@@ -26,10 +29,15 @@ def build_pattern(secrets: list[str]) -> re.Pattern:
 class RedactingFilter:
     def __init__(self) -> None:
         self.pattern = build_pattern([])
+        self.secrets: tuple[str, ...] = ()
         self._previous = None
 
     def set_secrets(self, secrets: list[str]) -> None:
         self.pattern = build_pattern(secrets)
+        self.secrets = tuple(s for s in secrets if s)
+
+    def might_hold_secret(self, msg: str) -> bool:
+        return any(p in msg for p in _PREFIXES) or any(s in msg for s in self.secrets)
 
     def install(self) -> None:
         if self._previous is not None:
@@ -42,9 +50,10 @@ class RedactingFilter:
                 msg = record.getMessage()
             except Exception:  # a broken format string is the caller's bug; leave the record alone
                 return record
-            clean = self.pattern.sub(MASK, msg)
-            if clean is not msg and clean != msg:
-                record.msg, record.args = clean, ()
+            if self.might_hold_secret(msg):  # cheap substring checks first; the regex only on a hit
+                clean = self.pattern.sub(MASK, msg)
+                if clean != msg:
+                    record.msg, record.args = clean, ()
             return record
 
         logging.setLogRecordFactory(factory)

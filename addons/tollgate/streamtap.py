@@ -90,11 +90,13 @@ class StreamTap:
         out = []
         for ev in events:
             feed(ev)
-            if is_usage_only_chunk(ev.data):
-                continue
             raw = ev.raw
-            if b'"usage"' in raw:
-                raw = _USAGE_NULL.sub(b"", raw)
+            if b'"usage"' in raw:  # every chunk, once usage was asked for: keep this path cheap
+                if is_usage_only_chunk(ev.data):
+                    continue
+                raw = raw.replace(b',"usage":null', b"")  # OpenAI's compact JSON
+                if b'"usage"' in raw:
+                    raw = _USAGE_NULL.sub(b"", raw)  # other spacing
             out.append(raw)
         data = b"".join(out)
         self.bytes_out += len(data)
