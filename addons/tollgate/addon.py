@@ -247,6 +247,7 @@ class Gateway:
         cred.value = ""  # the virtual key itself is not kept past its hash lookup
         ex.cred, ex.identity = cred, ident
         _write_credential(req, cred, f"{REDACTED}:{ident.key_id if ident else 'rejected'}")
+        ex.redacted = True
         if ident is None:
             return self._refuse(flow, ex, 401, "invalid_api_key", "unauthorized", why)
         ex.tier = self.controls.budgets.tier_of(ident.user_id, ident.tier)
@@ -289,6 +290,7 @@ class Gateway:
                 req.content = json.dumps(body, separators=(",", ":")).encode()
                 ex.strip_usage = True
         _write_credential(req, ex.cred, provider.api_key)
+        ex.redacted = False  # the real key is in the flow now, until _redact
         target = target or provider.redirect(req.path)
         if target is not None:
             req.scheme, req.host, req.port, req.path = target
@@ -319,7 +321,7 @@ class Gateway:
         assert resp is not None
         if ex.subject is not None:
             limiter, subject = ex.subject
-            resp.headers.update(limiter.headers(subject))
+            _set_headers(resp.headers, limiter.headers(subject))
         if ex.outcome != "ok" or resp.status_code >= 400:
             return  # refusals and provider errors are small JSON: buffer them
         sse = "text/event-stream" in resp.headers.get("content-type", "")
@@ -499,9 +501,10 @@ class Gateway:
 
     def _redact(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         cred = ex.cred
-        if cred is not None:
+        if cred is not None and not ex.redacted:
             key_id = ex.identity.key_id if ex.identity else "rejected"
             _write_credential(flow.request, cred, f"{REDACTED}:{key_id}")
+            ex.redacted = True
 
     async def _usage_from_answer(self, ex: Exchange, resp: http.Response) -> None:
         if ex.tap is not None:
@@ -622,7 +625,21 @@ def _write_credential(req: http.Request, cred: prov.Credential, secret: str) -> 
     if cred.where == "query":
         req.query[cred.name] = value
     else:
-        req.headers[cred.name] = value
+        _set_headers(req.headers, {cred.name: value})
+
+
+def _set_headers(headers: http.Headers, values: dict[str, str]) -> None:
+    """Replace (or add) a few headers in one pass over the raw fields.
+
+    Equivalent to `headers[k] = v` for each, which costs ~15 µs apiece in mitmproxy's multidict; this
+    runs three to four times per request and the rate-limit headers add six more (profiled: ~140 µs
+    of the hooks' ~160 µs per request went to header writes).
+    """
+    if not values:
+        return
+    new = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in values.items()]
+    names = {k.lower() for k, _ in new}
+    headers.fields = tuple(f for f in headers.fields if f[0].lower() not in names) + tuple(new)
 
 
 def _estimate_tokens(protocol: str, kind: str, body: Any, model: str | None, out_text: str) -> tuple[int, int]:

@@ -32,6 +32,7 @@ class Exchange:
     tier: str | None = None  # the tier the request runs under (policy's shared_users, else the key's)
     subject: Any = None  # limits.Subject once the rate limiter counted the request (released at the end)
     reservation: Any = None  # budgets.Reservation held while the request is in flight
+    redacted: bool = False  # the flow holds the marker, not the real key
     timer: Any = None  # asyncio handle of the upstream timeout, cancelled when the answer starts
     kind: str = "other"
     model: str | None = None
