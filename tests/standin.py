@@ -49,6 +49,28 @@ Behaviour knobs, read from the model name (the app's request is all the stand-in
   -die       stream cut after 2 events (chunked body never finished, no usage); non-stream: half a body
   -gzip      answer gzip-encoded, SSE included (flushed per event, so pacing survives)
   cached / o1… / …thinking…  usage as above.
+  Broken answers (status 200; for the gateway's "never crash, estimate what is missing" paths):
+  -notjson   a JSON answer's body is not JSON (an HTML page); a streamed answer's event data is cut to
+             half its JSON (``[DONE]`` kept)
+  -nousage   no usage anywhere (``usage``/``usageMetadata`` removed; OpenAI's usage-only chunk dropped)
+  -badusage  every count inside usage is a string ("11 tokens") instead of a number
+  -badout    only the output count (completion_tokens, output_tokens, candidatesTokenCount) is a string
+  -truncate  the answer ends cleanly but early: a JSON body cut in half with a matching content-length;
+             a stream after 2 events and half of the third, then a proper end of the chunked body
+  (usage knobs apply to JSON bodies and SSE events, not to Gemini's JSON-array stream)
+
+Request bodies sent with ``Content-Encoding`` gzip, deflate, br or zstd are decoded before they are read
+(as servers that accept compressed uploads do; an undecodable one gets the provider's 400). ``Recorded.body``
+keeps the bytes as received.
+
+Beyond the JSON APIs:
+  POST  …/v1/audio/transcriptions  multipart/form-data with ``model`` and ``file`` parts →
+        ``{"text": ANSWER, "usage": {"type": "tokens", ...}}`` (input 10, output 8)
+  GET   …/v1/realtime?model=…  with ``Upgrade: websocket`` (OpenAI Realtime; ``Authorization: Bearer``):
+        101, then ``session.created``; each client ``response.create`` event is answered with
+        ``response.created``, the 8 ANSWER pieces as ``response.output_text.delta`` and ``response.done``
+        carrying usage (input 10 + 1, output 8); a close frame is answered and ends the connection.
+        Unfragmented frames only (what SDKs send for small events).
 
 Use it in-process (``Standin(real_keys=…)`` → ``start()`` → port; ``requests``; ``clear()``; ``stop()``;
 also a context manager) or as a process: ``python tests/standin.py --port 0 --port-file F`` (keys from
@@ -109,6 +131,7 @@ CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS = "openai.chat", "openai.completions", 
 MESSAGES, ANTHROPIC_COUNT = "anthropic.messages", "anthropic.count_tokens"
 GENERATE, STREAM_GENERATE, GEMINI_COUNT = "gemini.generate", "gemini.stream_generate", "gemini.count_tokens"
 OPENAI_MODELS, ANTHROPIC_MODELS, GEMINI_MODELS = "openai.models", "anthropic.models", "gemini.models"
+TRANSCRIPTIONS, REALTIME = "openai.transcriptions", "openai.realtime"
 _ALIASES = {"openai": CHAT, "chat": CHAT, "completions": COMPLETIONS, "responses": RESPONSES,
             "embeddings": EMBEDDINGS, "anthropic": MESSAGES, "messages": MESSAGES, "gemini": GENERATE,
             STREAM_GENERATE: GENERATE}
@@ -125,6 +148,11 @@ class Knobs:
     gzip: bool = False
     cached: bool = False
     reasoning: bool = False
+    not_json: bool = False
+    no_usage: bool = False
+    bad_usage: bool = False
+    bad_out: bool = False
+    truncate: bool = False
 
 
 _PACE, _DELAY, _ERROR = re.compile(r"-paced-(\d+)"), re.compile(r"-delay-(\d+)"), re.compile(r"-error-(\d{3})")
@@ -141,7 +169,9 @@ def knobs(model: str) -> Knobs:
     return Knobs(pace_ms=num(_PACE) or 0, delay_ms=num(_DELAY) or 0, error=num(_ERROR),
                  hang=bool(re.search(r"-hang\b", model)), die=bool(re.search(r"-die\b", model)),
                  gzip=bool(re.search(r"-gzip\b", model)), cached="cached" in model,
-                 reasoning=bool(_REASONING.search(model)))
+                 reasoning=bool(_REASONING.search(model)), not_json=bool(re.search(r"-notjson\b", model)),
+                 no_usage=bool(re.search(r"-nousage\b", model)), bad_usage=bool(re.search(r"-badusage\b", model)),
+                 bad_out=bool(re.search(r"-badout\b", model)), truncate=bool(re.search(r"-truncate\b", model)))
 
 
 def _count(value: Any) -> int:
@@ -483,11 +513,15 @@ def route(method: str, path: str, headers: dict[str, str]) -> Route | None:
         if rest.endswith("/messages") or rest.endswith("/messages/count_tokens"):
             api = MESSAGES if rest.endswith("/messages") else ANTHROPIC_COUNT
             return Route(segment, provider, api, None, "anthropic", "x-api-key")
+        if rest.endswith("/audio/transcriptions"):
+            return Route(segment, provider, TRANSCRIPTIONS, None, flavour, auth)
         for suffix, api in (("/chat/completions", CHAT), ("/completions", COMPLETIONS),
                             ("/responses", RESPONSES), ("/embeddings", EMBEDDINGS)):
             if rest.endswith(suffix):
                 return Route(segment, provider, api, path_model, flavour, auth)
         return None
+    if method == "GET" and rest.endswith("/realtime") and "websocket" in headers.get("upgrade", "").lower():
+        return Route(segment, provider, REALTIME, None, flavour, auth)
     if method == "GET" and (rest.endswith("/models") or _MODEL_ID.search(rest)):
         m = _MODEL_ID.search(rest)
         model_id = m.group(1) if m else None
@@ -622,7 +656,7 @@ def _json_object(raw: bytes) -> tuple[dict[str, Any], bool]:
         return {}, False
     try:
         parsed = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # too deeply nested is unparseable too (a real API answers 400)
         return {}, True
     return (parsed, False) if isinstance(parsed, dict) else ({}, True)
 
@@ -637,6 +671,155 @@ def _reason(status: int) -> str:
 def _head(status: int, headers: dict[str, str]) -> bytes:
     lines = [f"HTTP/1.1 {status} {_reason(status)}"] + [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# ---------------------------------------------------------------- broken answers and other inputs
+def _decode_body(raw: bytes, encoding: str) -> bytes:
+    """A request body without its Content-Encoding; ValueError when it cannot be decoded."""
+    enc = encoding.strip().lower()
+    if not raw or enc in ("", "identity"):
+        return raw
+    try:
+        if enc in ("gzip", "x-gzip"):
+            return gzip.decompress(raw)
+        if enc == "deflate":
+            return zlib.decompress(raw)
+        if enc == "br":
+            import brotli  # a mitmproxy dependency
+            return brotli.decompress(raw)
+        if enc == "zstd":
+            try:
+                from compression import zstd  # type: ignore[import-not-found]  # Python 3.14
+            except ImportError:
+                from backports import zstd  # type: ignore[no-redef]  # a mitmproxy dependency
+            return zstd.decompress(raw)
+    except Exception as e:
+        raise ValueError(f"undecodable {enc} body") from e
+    raise ValueError(f"unsupported content-encoding {encoding!r}")
+
+
+_PART = re.compile(rb'Content-Disposition:[^\r\n]*?\bname="([^"]*)"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n', re.I)
+
+
+def _multipart_fields(raw: bytes, content_type: str) -> dict[str, Any]:
+    """A multipart/form-data body's fields: text parts as str, file parts as their byte size."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return {}
+    out: dict[str, Any] = {}
+    for part in raw.split(b"--" + m.group(1).encode())[1:]:
+        head = _PART.search(part)
+        if head is None:
+            continue
+        value = part[head.end():].removesuffix(b"\r\n")
+        out[head.group(1).decode()] = len(value) if b"filename=" in head.group(0) else value.decode("utf-8", "replace")
+    return out
+
+
+_OUTPUT_COUNTS = frozenset({"completion_tokens", "output_tokens", "candidatesTokenCount"})
+
+
+def _spoil_counts(obj: Any, only: frozenset[str] | None, key: str = "") -> Any:
+    """Numbers become strings ("11 tokens"): all of them, or only those under the keys in `only`."""
+    if isinstance(obj, dict):
+        return {k: _spoil_counts(v, only, k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_spoil_counts(v, only, key) for v in obj]
+    if isinstance(obj, int) and not isinstance(obj, bool) and (only is None or key in only):
+        return f"{obj} tokens"
+    return obj
+
+
+def _mangle_usage(obj: Any, k: Knobs) -> Any:
+    """Apply -nousage / -badusage / -badout to every usage object inside a JSON value."""
+    if not (k.no_usage or k.bad_usage or k.bad_out):
+        return obj
+    if isinstance(obj, list):
+        return [_mangle_usage(v, k) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out: dict[str, Any] = {}
+    for key, v in obj.items():
+        if key in ("usage", "usageMetadata") and isinstance(v, dict):
+            if k.no_usage:
+                continue
+            v = _spoil_counts(v, None if k.bad_usage else _OUTPUT_COUNTS)
+        else:
+            v = _mangle_usage(v, k)
+        out[key] = v
+    return out
+
+
+_SSE_DATA = re.compile(rb"^data: ?(.*?)(\r?\n)", re.M)
+
+
+def _spoil_frame(frame: bytes, k: Knobs) -> bytes | None:
+    """One SSE frame with its data spoiled as the knobs say; None drops the frame."""
+    m = _SSE_DATA.search(frame)
+    if m is None or m.group(1) == b"[DONE]":
+        return frame
+    data = m.group(1)
+    if k.not_json:
+        new = data[: len(data) // 2]
+    else:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return frame
+        if k.no_usage and isinstance(obj, dict) and isinstance(obj.get("usage"), dict) and obj.get("choices") == []:
+            return None  # OpenAI's usage-only chunk has nothing else to say
+        new = json.dumps(_mangle_usage(obj, k), separators=(",", ":")).encode()
+    return frame[: m.start(1)] + new + frame[m.end(1):]
+
+
+def _spoil_answer(ans: Answer, k: Knobs) -> Answer:
+    if not (k.not_json or k.no_usage or k.bad_usage or k.bad_out):
+        return ans
+    if ans.frames is None:
+        if k.not_json:
+            return Answer(b"<html><body><h1>upstream hiccup</h1></body></html>\n", content_type=ans.content_type)
+        return Answer(_mangle_usage(ans.body, k), content_type=ans.content_type)
+    if "event-stream" not in ans.content_type:
+        return ans  # Gemini's JSON-array stream: left as it is
+    frames = [f for f in (_spoil_frame(f, k) for f in ans.frames) if f is not None]
+    return Answer(frames=frames, content_type=ans.content_type)
+
+
+# ---------------------------------------------------------------- WebSocket (OpenAI Realtime)
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _ws_accept(key: str) -> str:
+    import hashlib
+
+    return base64.b64encode(hashlib.sha1(key.strip().encode() + _WS_GUID).digest()).decode()
+
+
+def _ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked, unfragmented server frame."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
+
+
+async def _ws_read(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(opcode, payload) of one client frame (masked, as clients must send them)."""
+    b1, b2 = await reader.readexactly(2)
+    n = b2 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", await reader.readexactly(2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", await reader.readexactly(8))
+    mask = await reader.readexactly(4) if b2 & 0x80 else b"\0\0\0\0"
+    data = await reader.readexactly(n)
+    if b2 & 0x80:
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    return b1 & 0x0F, data
 
 
 _ANSWERS = {CHAT: answer_chat, COMPLETIONS: answer_completions, RESPONSES: answer_responses,
@@ -752,8 +935,17 @@ class Standin:
             return await self._control(req, path, writer)
 
         r = route(req.method, path, req.headers)
-        body, bad_json = _json_object(req.body)
-        model = str(body.get("model") or (r.path_model if r else "") or "")
+        try:
+            raw = _decode_body(req.body, req.headers.get("content-encoding", ""))
+        except ValueError:
+            raw, undecodable = b"", True
+        else:
+            undecodable = False
+        body, bad_json = _json_object(raw)
+        if r is not None and r.api == TRANSCRIPTIONS:
+            body, bad_json = _multipart_fields(raw, req.headers.get("content-type", "")), False
+        model = str(body.get("model") or (r.path_model if r else "")
+                    or (query.get("model") if r is not None and r.api == REALTIME else "") or "")
         rec = Recorded(req.method, path, query, dict(req.headers), req.body, time.time(),
                        provider=r.segment if r else None, api=r.api if r else None, model=model or None)
         with self._lock:
@@ -766,8 +958,13 @@ class Standin:
             return await send(404, error_body(flavour, 404, f"Invalid URL ({req.method} {path})"))
         if refusal := auth_error(r, presented_key(r, req.headers, query), self.real_keys):
             return await send(*refusal)
+        if undecodable:
+            return await send(400, error_body(r.flavour, 400, "We could not decode the body of your request "
+                                              f"(content-encoding {req.headers.get('content-encoding')!r})."))
         if bad_json:
             return await send(400, error_body(r.flavour, 400, "We could not parse the JSON body of your request."))
+        if r.api == REALTIME:
+            return await self._realtime(req, reader, writer, model)
         if r.api in (OPENAI_MODELS, ANTHROPIC_MODELS, GEMINI_MODELS):
             return await send(200, models_list(r.api, r.path_model))
         if not model:
@@ -789,6 +986,13 @@ class Standin:
             return await send(k.error, error_body(r.flavour, k.error, f"Stand-in error {k.error} for {model}"), extra)
 
         u = expected_usage(r.api, body, model)
+        if r.api == TRANSCRIPTIONS:
+            if "file" not in body:
+                return await send(400, error_body(r.flavour, 400, "file: a multipart 'file' part is required"))
+            return await send(200, _mangle_usage({"text": ANSWER, "usage": {
+                "type": "tokens", "input_tokens": u["input_tokens"],
+                "input_token_details": {"text_tokens": 0, "audio_tokens": u["input_tokens"]},
+                "output_tokens": u["output_tokens"], "total_tokens": u["input_tokens"] + u["output_tokens"]}}, k))
         if r.api == ANTHROPIC_COUNT:
             return await send(200, {"input_tokens": u["input_tokens"]})
         if r.api == GEMINI_COUNT:
@@ -800,14 +1004,17 @@ class Standin:
         rid = f"req_standin{next(_ids):06d}"
         extra = ({"request-id": rid} if r.flavour == "anthropic" else {} if r.flavour == "gemini"
                  else {"x-request-id": rid, "openai-processing-ms": "1"})
+        ans = _spoil_answer(ans, k)
         if ans.frames is None:
-            return await send(200, ans.body, extra, die=k.die, content_type=ans.content_type)
+            return await send(200, ans.body, extra, die=k.die, truncate=k.truncate, content_type=ans.content_type)
         return await self._stream(writer, ans, extra, k)
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, obj: Any, extra: dict[str, str] | None = None,
-                    *, gz: bool = False, keep: bool = True, die: bool = False,
+                    *, gz: bool = False, keep: bool = True, die: bool = False, truncate: bool = False,
                     content_type: str = "application/json") -> bool:
-        payload = json.dumps(obj, indent=2).encode() + b"\n"
+        payload = obj if isinstance(obj, bytes) else json.dumps(obj, indent=2).encode() + b"\n"
+        if truncate:
+            payload = payload[: len(payload) // 2]
         headers = {"content-type": content_type, **(extra or {})}
         if gz:
             payload = gzip.compress(payload, mtime=0)
@@ -834,13 +1041,65 @@ class Standin:
                 await asyncio.sleep(k.pace_ms / 1000)
             if k.die and i == 2:
                 return False  # closing now leaves the chunked body unfinished: the client sees a cut stream
+            if k.truncate and i == 2:
+                frame = frame[: len(frame) // 2]  # half an event, then a clean end of the body
             data = comp.compress(frame) + comp.flush(zlib.Z_SYNC_FLUSH) if comp else frame
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()
+            if k.truncate and i == 2:
+                break
         tail = comp.flush() if comp else b""
         writer.write((b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n")
         await writer.drain()
         return True
+
+    async def _realtime(self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        model: str) -> bool:
+        """An OpenAI Realtime session over WebSocket (see the module docstring). Always ends the connection."""
+        key = req.headers.get("sec-websocket-key")
+        if not key:
+            return await self._send(writer, 400, error_body("openai", 400, "Sec-WebSocket-Key is required"),
+                                    keep=False)
+        writer.write(_head(101, {"upgrade": "websocket", "connection": "Upgrade",
+                                 "sec-websocket-accept": _ws_accept(key)}))
+
+        def event(obj: dict) -> None:
+            writer.write(_ws_frame(0x1, json.dumps(obj, separators=(",", ":")).encode()))
+
+        event({"type": "session.created", "event_id": f"event_{next(_ids)}",
+               "session": {"id": f"sess_standin{next(_ids):06d}", "object": "realtime.session", "model": model}})
+        await writer.drain()
+        u = expected_usage(CHAT, {"messages": [{}]}, model)
+        while True:
+            opcode, data = await _ws_read(reader)
+            if opcode == 0x8:  # close: answer it and end
+                writer.write(_ws_frame(0x8, data[:2]))
+                await writer.drain()
+                return False
+            if opcode == 0x9:  # ping
+                writer.write(_ws_frame(0xA, data))
+                await writer.drain()
+                continue
+            if opcode != 0x1:
+                continue
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                msg = {}
+            if msg.get("type") != "response.create":
+                continue
+            rid = f"resp_standin{next(_ids):06d}"
+            event({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
+            for p in ANSWER_PIECES:
+                event({"type": "response.output_text.delta", "response_id": rid, "delta": p})
+            event({"type": "response.done", "response": {
+                "id": rid, "object": "realtime.response", "status": "completed",
+                "usage": {"total_tokens": u["input_tokens"] + u["output_tokens"], "input_tokens": u["input_tokens"],
+                          "output_tokens": u["output_tokens"],
+                          "input_token_details": {"cached_tokens": 0, "text_tokens": u["input_tokens"],
+                                                  "audio_tokens": 0},
+                          "output_token_details": {"text_tokens": u["output_tokens"], "audio_tokens": 0}}}})
+            await writer.drain()
 
     async def _control(self, req: _Request, path: str, writer: asyncio.StreamWriter) -> bool:
         if req.method == "GET" and path == "/_standin/requests":

@@ -214,9 +214,15 @@ class Gateway:
         log.exception("tollgate: %s hook failed; the request is refused", hook)
         ex = self.live.get(flow.id)
         if ex is None:
-            flow.response = http.Response.make(502, b"tollgate: internal error; request refused\n",
-                                               {"content-type": "text/plain"})
-            return
+            # It broke before the exchange existed (e.g. before the credential was swapped): make one, so the
+            # refusal is JSON the SDKs parse and gets its row, and take the app's key out of the flow, which
+            # mitmdump prints (flow_detail) and -w saves.
+            req = flow.request
+            ex = Exchange(provider=None, endpoint=req.path.split("?", 1)[0], started=req.timestamp_start)
+            self.live[flow.id] = ex
+            self.flows[flow.id] = flow
+        if ex.cred is None:  # the credential was not swapped for the marker yet
+            _scrub_credentials(flow.request)
         flow.response = None
         self._refuse(flow, ex, 500, "gateway_error", "gateway_error",
                      f"tollgate could not process this request ({hook} failed); it was not forwarded")
@@ -310,7 +316,55 @@ class Gateway:
         if handler is not None and flow.server_conn in handler.transports:
             handler.close_connection(flow.server_conn)
 
+    # The response side is guarded too: by now the request was forwarded, so a failure must not lose its row
+    # nor keep its concurrency slot and budget reservation (the user would be refused for the life of the
+    # process). mitmproxy only logs an addon's exception and goes on.
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._responseheaders(flow)
+        except Exception:
+            log.exception("tollgate: responseheaders hook failed; the answer is relayed unread and estimated")
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        ex = self.live.pop(flow.id, None)
+        self.flows.pop(flow.id, None)
+        if ex is None:
+            return
+        try:
+            await self._response(flow, ex)
+        except Exception:
+            self._salvage(flow, ex, "response")
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        ex = self.live.pop(flow.id, None)
+        self.flows.pop(flow.id, None)
+        if ex is None:
+            return
+        try:
+            await self._error(flow, ex)
+        except Exception:
+            self._salvage(flow, ex, "error")
+
+    def _salvage(self, flow: http.HTTPFlow, ex: Exchange, hook: str) -> None:
+        """Record a request whose response-side hook broke (estimated), and give back what admission took."""
+        log.exception("tollgate: %s hook failed for %s; recording it with an estimate", hook, ex.request_id)
+        ex.error = f"tollgate {hook} hook failed"
+        if ex.usage is None or ex.usage.source != "provider":
+            ex.usage = Usage(source="estimated", input_tokens=tokens.rough_tokens(ex.body_size))
+        try:
+            self._redact(flow, ex)
+            self._finish(flow, ex, time.time())
+            return
+        except Exception:
+            log.exception("tollgate: recording %s failed; its slot and reservation are released", ex.request_id)
+        try:
+            self._release(ex)
+        finally:
+            if self.ledger is not None:
+                self.ledger.record(ex.row())
+
+    def _responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = self.live.get(flow.id)
         if ex is None:
             return
@@ -342,15 +396,18 @@ class Gateway:
             resp.headers.pop("content-length", None)  # the body shrinks; a stale length would hang the app
         resp.stream = ex.tap
 
-    async def response(self, flow: http.HTTPFlow) -> None:
-        ex = self.live.pop(flow.id, None)
-        self.flows.pop(flow.id, None)
-        if ex is None:
-            return
+    async def _response(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         self._redact(flow, ex)
         resp = flow.response
         assert resp is not None
         ex.status_code = resp.status_code
+        if resp.status_code == 101 and flow.websocket is not None and ex.outcome == "ok":
+            # A WebSocket session (OpenAI Realtime): metered from the provider's response.done events and
+            # recorded when it ends, holding its concurrency slot and budget reservation until then.
+            ex.kind = "realtime"
+            ex.model = ex.model or flow.request.query.get("model")
+            self.live[flow.id], self.flows[flow.id] = ex, flow
+            return
         if ex.outcome == "ok" and ex.kind != "models":
             if resp.status_code >= 400:
                 ex.outcome = "upstream_error"
@@ -361,11 +418,7 @@ class Gateway:
                     await self._estimate(ex)
         self._finish(flow, ex, resp.timestamp_end)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
-        ex = self.live.pop(flow.id, None)
-        self.flows.pop(flow.id, None)
-        if ex is None:
-            return
+    async def _error(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         self._redact(flow, ex)
         if ex.timer is not None:
             ex.timer.cancel()
@@ -384,6 +437,31 @@ class Gateway:
             else:
                 await self._estimate(ex)  # the app gave up while the provider was working on the prompt
         self._finish(flow, ex, flow.error.timestamp if flow.error else None)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        ex = self.live.get(flow.id)
+        if ex is None or ex.kind != "realtime" or flow.websocket is None:
+            return
+        msg = flow.websocket.messages[-1]
+        if msg.from_client or not msg.is_text or b'"response.done"' not in msg.content:
+            return
+        data = _loads(msg.content)
+        resp = data.get("response") if isinstance(data, dict) else None
+        u = prov.usage_from_json("openai", "responses", resp if isinstance(resp, dict) else None)
+        if u is not None:
+            prev = ex.usage or Usage()
+            ex.usage = Usage(prev.input_tokens + u.input_tokens, prev.output_tokens + u.output_tokens,
+                             prev.cached_input_tokens + u.cached_input_tokens,
+                             prev.cache_write_tokens + u.cache_write_tokens, prev.reasoning_tokens + u.reasoning_tokens)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        ex = self.live.pop(flow.id, None)
+        self.flows.pop(flow.id, None)
+        if ex is None:
+            return
+        if ex.usage is None:
+            ex.usage = Usage(source="estimated")
+        self._finish(flow, ex, time.time())
 
     # --- admission: rate limits, then budgets ---------------------------------------------------
 
@@ -520,6 +598,8 @@ class Gateway:
             data = _loads(content)
         ex.usage = prov.usage_from_json(ex.wire, ex.kind, data)
         ex.response_model = prov.model_from_json(ex.wire, data)
+        if ex.usage is None or ex.usage.source != "provider":
+            ex.answer_text = prov.output_text_from_json(ex.kind, data)  # for _estimate
 
     def _usage_from_tap(self, ex: Exchange) -> None:
         """Usage seen in a streamed answer: complete if the provider's final report arrived; otherwise
@@ -527,6 +607,7 @@ class Gateway:
         tap = ex.tap
         if tap is None:
             return
+        tap.close()
         if tap.sse is None:  # a streamed JSON array (Gemini without alt=sse): parse it whole at the end
             try:
                 data = json.loads(bytes(tap.raw))
@@ -551,7 +632,7 @@ class Gateway:
     async def _estimate(self, ex: Exchange) -> None:
         """Fill in what the provider did not report, with tiktoken on a worker thread (never the loop)."""
         partial = ex.usage
-        out_text = ex.tap.usage.output_text() if ex.tap is not None and ex.tap.sse is not None else ""
+        out_text = ex.tap.usage.output_text() if ex.tap is not None and ex.tap.sse is not None else ex.answer_text
         loop = asyncio.get_running_loop()
         try:
             est_in, est_out = await loop.run_in_executor(
@@ -607,6 +688,14 @@ def _json_body(req: http.Request) -> Any:
         content = req.content
     except ValueError:  # undecodable content-encoding: forward as is, meter what we can
         return None
+    if content and req.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        # Audio uploads: the form's text fields are the request facts (the file is not read).
+        try:
+            form = req.multipart_form
+        except ValueError:
+            return None
+        return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in form.items(multi=False)
+                if k in (b"model", b"stream", b"response_format") and len(v) < 256} or None
     if not content or content[:1] not in _JSON_TYPES and content.lstrip()[:1] not in _JSON_TYPES:
         return None
     return _loads(content)
@@ -615,8 +704,20 @@ def _json_body(req: http.Request) -> Any:
 def _loads(content: bytes) -> Any:
     try:
         return json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deeply nested JSON is unreadable too
         return None
+
+
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+
+
+def _scrub_credentials(req: http.Request) -> None:
+    """Replace whatever credential an app put in a request by the marker (no parsing that could fail again)."""
+    for name in _CREDENTIAL_HEADERS:
+        if name in req.headers:
+            req.headers[name] = REDACTED
+    if "?" in req.path and "key" in req.query:
+        req.query["key"] = REDACTED
 
 
 def _write_credential(req: http.Request, cred: prov.Credential, secret: str) -> None:

@@ -42,6 +42,7 @@ class Exchange:
     body_size: int = 0
     strip_usage: bool = False  # the gateway asked an OpenAI stream for usage the app did not ask for
     tap: Any = None  # StreamTap when streamed
+    answer_text: str = ""  # a JSON answer's text, kept only when its usage is missing (for the estimate)
     response_model: str | None = None
     usage: Usage | None = None
     cost: Decimal | None = None

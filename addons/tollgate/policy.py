@@ -259,7 +259,8 @@ def _check_keys(d: dict, allowed: set[str], p: Path | None, keypath: str) -> Non
 
 def _int(v: Any, p: Path | None, keypath: str, lo: int = 0, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, str) and v.strip().isdigit():
+        # isdecimal + isascii, not isdigit: "²".isdigit() is True but int("²") raises a bare ValueError.
+        if isinstance(v, str) and v.strip().isascii() and v.strip().isdecimal():
             v = int(v)
         else:
             raise PolicyError(p, keypath, f"must be a whole number, not {v!r}")
@@ -404,5 +405,8 @@ def database_path(value: Any, base_dir: Path, p: Path | None) -> Path:
             raise PolicyError(p, "analytics.database", f"the ledger is a DuckDB file; {s!r} is not a path")
     if not s:
         raise PolicyError(p, "analytics.database", "empty path")
-    dbp = Path(s).expanduser()
+    try:
+        dbp = Path(s).expanduser()
+    except RuntimeError:  # "~someone" whose home directory cannot be found
+        raise PolicyError(p, "analytics.database", f"cannot expand {s.split('/')[0]!r}: no such user's home") from None
     return dbp if dbp.is_absolute() else base_dir / dbp

@@ -297,7 +297,19 @@ class Pricer:
         data_snapshot.get_snapshot()  # load the bundled table (~0.3 s, once per process) now, not mid-request
 
     def cost(self, provider: str, prices_id: str | None, model: str | None, usage: Usage) -> Decimal | None:
-        """USD for one request, or None (cost_usd NULL) when neither the policy nor genai-prices knows the model."""
+        """USD for one request, or None (cost_usd NULL) when neither the policy nor genai-prices knows the model.
+
+        Never raises: it runs in the gateway's hooks, where an exception would refuse (request side) or lose
+        the row of (response side) a request. An amount beyond Decimal's precision is priced as unknown.
+        """
+        try:
+            return self._cost(provider, prices_id, model, usage)
+        except ArithmeticError:  # decimal.InvalidOperation: a quantized cost of more than 28 digits
+            logger.warning("pricing %s model %r: usage too large to price (%d in, %d out)", provider,
+                           (model or "")[:200], usage.input_tokens, usage.output_tokens)
+            return None
+
+    def _cost(self, provider: str, prices_id: str | None, model: str | None, usage: Usage) -> Decimal | None:
         rates = self._overrides.find(f"{provider}:{model or ''}".lower())
         if rates is not None:
             return rates.cost(usage).quantize(QUANTUM, ROUND_HALF_EVEN)

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 PROTOCOLS = ("openai", "azure", "anthropic", "gemini")
-KINDS = ("chat", "responses", "completions", "embeddings", "messages", "generate", "other")
+KINDS = ("chat", "responses", "completions", "embeddings", "messages", "generate", "audio", "other")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,6 +213,8 @@ def credential_value(cred: Credential, secret: str) -> str:
 # Suffix rules tolerate any base-path prefix: /v1/chat/completions, /openai/v1/..., /api/v1/...,
 # /openai/deployments/{d}/chat/completions, /v1beta/openai/chat/completions.
 _OPENAI_KINDS = (
+    ("/audio/transcriptions", "audio"),
+    ("/audio/translations", "audio"),
     ("/chat/completions", "chat"),
     ("/responses", "responses"),
     ("/completions", "completions"),
@@ -266,11 +268,16 @@ class RequestFacts:
     include_usage: bool  # OpenAI chat/completions stream: stream_options.include_usage already true
 
 
+# No request has a quadrillion tokens: a larger count is corrupt (an unsigned -1 from a buggy server, 1e25)
+# and would only break pricing (Decimal's 28 digits) and budgets downstream; it is treated as absent.
+MAX_COUNT = 10**15
+
+
 def _int(v: Any) -> int | None:
-    """A non-negative token count, or None for anything else (bools, strings, NaN, negatives)."""
+    """A plausible non-negative token count, or None for anything else (bools, strings, NaN, negatives, absurd)."""
     if type(v) is int:
-        return v if v >= 0 else None
-    if type(v) is float and math.isfinite(v) and v >= 0 and v.is_integer():
+        return v if 0 <= v <= MAX_COUNT else None
+    if type(v) is float and math.isfinite(v) and 0 <= v <= MAX_COUNT and v.is_integer():
         return int(v)
     return None
 
@@ -427,7 +434,25 @@ def _usage(inp: int, out: int, cached: int | None, write: int | None, reasoning:
     )
 
 
+_COUNT_FIELDS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "promptTokenCount",
+                 "candidatesTokenCount", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _doubtful(u: Any) -> bool:
+    """A count field that is present but not a count: what was read from this usage is not the whole truth."""
+    return isinstance(u, dict) and any(k in u and u[k] is not None and _int(u[k]) is None for k in _COUNT_FIELDS)
+
+
 def usage_from_json(protocol: str, kind: str, body: Any) -> Usage | None:
+    """See _usage_from_json; a usage with a malformed count comes back marked ``estimated`` (to be completed)."""
+    u = _usage_from_json(protocol, kind, body)
+    if u is not None and isinstance(body, dict) and (_doubtful(body.get("usage"))
+                                                     or _doubtful(body.get("usageMetadata"))):
+        u.source = "estimated"
+    return u
+
+
+def _usage_from_json(protocol: str, kind: str, body: Any) -> Usage | None:
     """Usage from a non-streamed JSON answer, normalized; None if the answer reports none.
 
     ``body`` may be any JSON value. A Gemini ``streamGenerateContent`` answer without ``alt=sse`` is a
@@ -453,6 +478,8 @@ def usage_from_json(protocol: str, kind: str, body: Any) -> Usage | None:
             return _anthropic_usage(u)
         if kind == "responses":
             return _responses_usage(u)
+        if kind == "audio":  # gpt-4o-transcribe: {"type": "tokens", input_tokens, output_tokens}; whisper: seconds
+            return _responses_usage(u) if u.get("type", "tokens") == "tokens" else None
         if "cache_creation_input_tokens" in u or "cache_read_input_tokens" in u:
             return _anthropic_usage(u)  # an Anthropic-shaped usage where we did not expect it
         return _openai_usage(u)
@@ -635,6 +662,8 @@ class StreamUsage:
         if u:
             usage = _openai_usage(u)
             if usage is not None:
+                if _doubtful(u):
+                    usage.source = "estimated"
                 self._usage = usage
                 self._complete = True
         self._keep(_Text(_chat_text(obj)))
@@ -660,6 +689,8 @@ class StreamUsage:
         if final and isinstance(u, dict):
             usage = _responses_usage(u)
             if usage is not None:
+                if _doubtful(u):
+                    usage.source = "estimated"
                 self._usage = usage
                 self._complete = True
 
@@ -687,6 +718,8 @@ class StreamUsage:
                 self._anth[k] = v
         usage = _anthropic_usage(self._anth)
         if usage is not None:
+            if _doubtful(self._anth):
+                usage.source = "estimated"
             self._usage = usage
             if final:
                 self._complete = True
@@ -712,6 +745,8 @@ class StreamUsage:
         if isinstance(meta, dict):
             usage = _gemini_usage(meta)
             if usage is not None:
+                if _doubtful(meta):
+                    usage.source = "estimated"
                 self._usage = usage  # every chunk may restate it; the last one wins
         if self._finished and self._usage is not None:
             self._complete = True
@@ -772,6 +807,26 @@ def _gemini_text(obj: Any) -> str:
 
 def _list(v: Any) -> list:
     return v if isinstance(v, list) else []
+
+
+def output_text_from_json(kind: str, body: Any) -> str:
+    """The generated text of a whole JSON answer (for estimating its output when usage is missing)."""
+    try:
+        if kind in ("chat", "completions"):
+            return _chat_text(body)
+        if kind == "messages":
+            return "".join(_str(_dict(c).get("text")) or _str(_dict(c).get("thinking")) or ""
+                           for c in _list(_dict(body).get("content")))
+        if kind == "responses":
+            return "".join(_str(_dict(p).get("text")) or "" for item in _list(_dict(body).get("output"))
+                           for p in _list(_dict(item).get("content")))
+        if kind == "generate":
+            return "".join(_gemini_text(b) for b in (body if isinstance(body, list) else [body]))
+        if kind == "audio":
+            return _str(_dict(body).get("text")) or ""
+    except Exception:  # never let an estimate break metering
+        pass
+    return ""
 
 
 def is_usage_only_chunk(data: str) -> bool:

@@ -57,6 +57,7 @@ class StreamTap:
         self.raw = bytearray()  # non-SSE streams only
         self.bytes_out = 0
         self.error: str | None = None
+        self._closed = False
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         try:
@@ -69,6 +70,20 @@ class StreamTap:
         # which would end the app's response early and corrupt the next one on a kept-alive connection.
         return out if out else []
 
+    def close(self) -> None:
+        """The body really ended (the addon's response/error hook): read a last event that lacks its blank line.
+
+        Not done on mitmproxy's b"" alone: it also passes an empty HTTP/2 DATA frame (without END_STREAM) as
+        b"" in the middle of a stream, and flushing the parser there would cut the event it falls in.
+        """
+        if self.sse is not None and not self.strip_usage and not self._closed:
+            self._closed = True
+            try:
+                for ev in self.sse.flush():
+                    self.usage.feed(ev)
+            except Exception as e:  # as in __call__: never fatal
+                self.error = self.error or f"{type(e).__name__}: {e}"
+
     def _tap(self, chunk: bytes) -> bytes:
         end = not chunk
         if self.decode is not None and chunk:
@@ -79,7 +94,7 @@ class StreamTap:
             self.bytes_out += len(chunk)
             return chunk
         events = self.sse.feed(chunk) if chunk else []
-        if end:
+        if end and self.strip_usage:  # held-back bytes must go out before the body ends (see close())
             events += self.sse.flush()
         feed = self.usage.feed
         if not self.strip_usage:
