@@ -12,10 +12,11 @@ Observed and pinned behaviour (the closing note's "bad inputs" table):
 - gzip / deflate / br / zstd request bodies are decoded for metering and forwarded encoded; when the gateway
   adds `stream_options.include_usage` it re-encodes the body in the same encoding (the stand-in decodes it).
 - 20 MB bodies are parsed off the event loop and forwarded; metered from the provider's usage.
-- Multipart (audio transcription) is forwarded with the real key and gets a row, but see the xfail below.
+- Multipart (audio transcription) is forwarded with the real key; the model comes from the form's text fields
+  and the provider's token usage is read.
 - An OpenAI Realtime WebSocket upgrade with a virtual key is authenticated, the key swapped (the provider never
   sees the virtual key) and a row written at the 101; a real key or none is refused 401 before any upstream
-  connection. The session's usage is not metered: see the xfail below.
+  connection. The session is metered from the provider's `response.done` events when the WebSocket ends.
 - Broken provider answers (not JSON, no usage, usage counts of the wrong type, cut short but ended cleanly)
   give an `ok` row with `estimated` tokens.
 
@@ -259,7 +260,7 @@ def test_multipart_transcription_is_forwarded_with_the_real_key(app, standin):
     row = one_row(app, t0)
     assert (row["outcome"], row["status_code"], row["endpoint"], row["user_id"]) == (
         "ok", 200, "/v1/audio/transcriptions", "bad")
-    figure(f"multipart transcription: forwarded, row ok but model={row['model']!r}, "
+    figure(f"multipart transcription: forwarded, row ok, model={row['model']!r}, "
            f"{row['input_tokens']} in / {row['output_tokens']} out {row['token_source']}, cost {row['cost_usd']}")
     still_serving(app)
 
