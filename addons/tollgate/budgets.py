@@ -50,6 +50,8 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .config_error import ConfigError
+
 RESETS = ("daily", "weekly", "monthly", "never")
 MODES = ("enforce", "track")
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
@@ -62,13 +64,7 @@ _ZERO = Decimal(0)
 _CENT = Decimal("0.01")
 
 
-class BudgetPolicyError(ValueError):
-    """A bad ``budgeting``/``alerts`` section. ``keypath`` and ``problem`` let policy.py add the file name."""
-
-    def __init__(self, keypath: str, problem: str):
-        self.keypath = keypath
-        self.problem = problem
-        super().__init__(f"{keypath}: {problem}")
+BudgetPolicyError = ConfigError  # A bad budgeting/alerts section: the key path and problem, for policy.py to add the file
 
 
 # --- policy --------------------------------------------------------------------------------------------------

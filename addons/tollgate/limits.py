@@ -52,6 +52,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from .config_error import ConfigError
+
 # unit -> (kind, period in seconds); concurrency has no period
 UNITS: dict[str, tuple[str, float]] = {
     "requests_per_second": ("requests", 1.0),
@@ -72,13 +74,7 @@ _HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{ki
                  for kind in ("requests", "tokens")}
 
 
-class LimitsConfigError(ValueError):
-    """A bad rate-limit policy; ``keypath`` and ``problem`` let the policy loader re-raise it with the file."""
-
-    def __init__(self, keypath: str, problem: str):
-        self.keypath = keypath
-        self.problem = problem
-        super().__init__(f"{keypath}: {problem}")
+LimitsConfigError = ConfigError  # A bad rate-limit policy: the key path and problem, for policy.py to add the file
 
 
 @dataclass(frozen=True, slots=True)

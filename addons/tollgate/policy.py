@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from . import providers as prov
+from .config_error import ConfigError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
@@ -230,10 +231,10 @@ def _validate_controls(doc: dict, budgeting: dict, alerts: dict, costs: dict, p:
         budgets = Budgets.from_policy(budgeting, alerts)
         parse_rules(_section(doc, "rate_limits", p), tier_limits(budgets))
         parse_costs(costs)
-    except ValueError as e:
-        keypath, problem = getattr(e, "keypath", None), getattr(e, "problem", None)
-        if keypath is None:
-            keypath, _, problem = str(e).partition(": ")
+    except ConfigError as e:
+        raise PolicyError(p, e.keypath, e.problem) from None
+    except ValueError as e:  # pricing's overrides say "keypath: problem"
+        keypath, _, problem = str(e).partition(": ")
         raise PolicyError(p, keypath, problem or str(e)) from None
 
 
