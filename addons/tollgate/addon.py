@@ -24,6 +24,9 @@ from decimal import Decimal
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http.url import hostport
+
+from . import headers as hdrs
 
 from . import providers as prov
 from . import native_errors, tokens, unified
@@ -43,8 +46,12 @@ log = logging.getLogger("tollgate")
 
 REDACTED = "tollgate-redacted"
 POLICY_POLL = 1.0  # seconds between checks of policies.yaml for edits
-SPEND_WAIT = 10.0
-BIG_BODY = 256 * 1024  # JSON bodies above this are parsed on a worker thread, not the event loop  # how long requests wait at start for budget spend to be read from the ledger
+SPEND_WAIT = 10.0  # how long requests wait at start for budget spend to be read from the ledger
+BIG_BODY = 256 * 1024  # JSON bodies above this are parsed on a worker thread, not the event loop
+# Answers above this are metered from their usage and model members alone (providers.metering_fields):
+# below it a whole parse is as cheap (measured: 5.5 µs whole vs 11.5 µs for a 363-byte chat answer; a
+# 68 KB embeddings answer 710 µs whole vs 27 µs).
+TAIL_READ = 8 * 1024
 _JSON_TYPES = (b"{", b"[")
 _JSON = {"content-type": "application/json"}
 
@@ -64,6 +71,7 @@ class Gateway:
         self._policy_sig: tuple | None = None
         self._watcher: asyncio.Task | None = None
         self._models_cache: dict[str, tuple[float, list[str]]] = {}
+        self._sweeper: asyncio.Task | None = None
 
     @property
     def pricer(self):
@@ -140,8 +148,9 @@ class Gateway:
                     ex.usage = Usage(source="estimated", input_tokens=tokens.rough_tokens(ex.body_size))
             self._finish(flow, ex, time.time())
         self.flows.clear()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._sweeper):
+            if task is not None:
+                task.cancel()
         if self.ledger is not None:
             self.ledger.stop()
         if self.controls is not None:
@@ -295,13 +304,25 @@ class Gateway:
                 body["stream_options"] = {**(opts or {}), "include_usage": True}
                 req.content = json.dumps(body, separators=(",", ":")).encode()
                 ex.strip_usage = True
-        _write_credential(req, ex.cred, provider.api_key)
+        _forward(req, ex.cred, provider.api_key, target or provider.redirect(req.path))
         ex.redacted = False  # the real key is in the flow now, until _redact
-        target = target or provider.redirect(req.path)
-        if target is not None:
-            req.scheme, req.host, req.port, req.path = target
-        ex.timer = asyncio.get_running_loop().call_later(
-            self.policy.gateway.upstream_timeout, self._upstream_timeout, flow)
+        # The upstream timeout: one sweeping task checks the deadlines (a timer per request cost ~5 µs).
+        ex.deadline = time.monotonic() + self.policy.gateway.upstream_timeout
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep_deadlines())
+
+    async def _sweep_deadlines(self) -> None:
+        """Every tenth of the upstream timeout (at most a second), time out the requests past it."""
+        while self.live:
+            timeout = self.policy.gateway.upstream_timeout if self.policy else 600.0
+            await asyncio.sleep(min(1.0, max(0.05, timeout / 10)))
+            now = time.monotonic()
+            for flow_id, ex in list(self.live.items()):
+                if ex.deadline is not None and ex.deadline <= now:
+                    ex.deadline = None
+                    flow = self.flows.get(flow_id)
+                    if flow is not None:
+                        self._upstream_timeout(flow)
 
     def _upstream_timeout(self, flow: http.HTTPFlow) -> None:
         """No answer in time: close the upstream connection, so the app gets an error (and the row says
@@ -369,20 +390,19 @@ class Gateway:
         if ex is None:
             return
         self._redact(flow, ex)
-        if ex.timer is not None:
-            ex.timer.cancel()
+        ex.deadline = None
         resp = flow.response
         assert resp is not None
         if ex.subject is not None:
             limiter, subject = ex.subject
-            _set_headers(resp.headers, limiter.headers(subject))
+            hdrs.set_many(resp.headers, limiter.headers(subject))
         if ex.outcome != "ok" or resp.status_code >= 400:
             return  # refusals and provider errors are small JSON: buffer them
-        sse = "text/event-stream" in resp.headers.get("content-type", "")
+        sse = b"text/event-stream" in (hdrs.get(resp.headers, b"content-type") or b"")
         if not (sse or ex.stream):
             return
         decode = None
-        enc = resp.headers.get("content-encoding")
+        enc = hdrs.get_str(resp.headers, b"content-encoding")
         if enc:
             try:
                 decode = decoder_for(enc)
@@ -420,8 +440,7 @@ class Gateway:
 
     async def _error(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         self._redact(flow, ex)
-        if ex.timer is not None:
-            ex.timer.cancel()
+        ex.deadline = None
         msg = flow.error.msg if flow.error else "unknown error"
         if ex.outcome == "ok":
             ex.outcome = "client_aborted" if "client" in msg.lower() else "upstream_error"
@@ -589,9 +608,16 @@ class Gateway:
             self._usage_from_tap(ex)
             return
         try:
-            content = resp.content or b"null"
+            content = _content(resp) or b"null"
         except ValueError:  # undecodable content-encoding
             return
+        if len(content) > TAIL_READ:  # a long answer: read only its usage and model members
+            fields = prov.metering_fields(content)
+            if fields is not None:
+                ex.usage = prov.usage_from_json(ex.wire, ex.kind, fields)
+                ex.response_model = prov.model_from_json(ex.wire, fields)
+                if ex.usage is not None and ex.usage.source == "provider":
+                    return
         if len(content) > BIG_BODY:  # e.g. thousands of embeddings: parse off the loop
             data = await asyncio.get_running_loop().run_in_executor(self._io, _loads, content)
         else:
@@ -683,12 +709,20 @@ def _file_sig(path) -> tuple | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+def _content(msg: http.Message) -> bytes | None:
+    """The decoded body; the raw one without a content-encoding (what `msg.content` returns then, ~3x cheaper).
+    Raises ValueError for an undecodable content-encoding, as `msg.content` does."""
+    if hdrs.get(msg.headers, b"content-encoding") is None:
+        return msg.raw_content
+    return msg.content
+
+
 def _json_body(req: http.Request) -> Any:
     try:
-        content = req.content
+        content = _content(req)
     except ValueError:  # undecodable content-encoding: forward as is, meter what we can
         return None
-    if content and req.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    if content and hdrs.get_str(req.headers, b"content-type").lower().startswith("multipart/form-data"):
         # Audio uploads: the form's text fields are the request facts (the file is not read).
         try:
             form = req.multipart_form
@@ -726,21 +760,31 @@ def _write_credential(req: http.Request, cred: prov.Credential, secret: str) -> 
     if cred.where == "query":
         req.query[cred.name] = value
     else:
-        _set_headers(req.headers, {cred.name: value})
+        hdrs.set_many(req.headers, {cred.name: value})
 
 
-def _set_headers(headers: http.Headers, values: dict[str, str]) -> None:
-    """Replace (or add) a few headers in one pass over the raw fields.
+def _forward(req: http.Request, cred: prov.Credential, secret: str,
+             target: tuple[str, str, int, str] | None) -> None:
+    """Put the real key in and, for a base_url or the unified API, re-target the request — in one header pass.
 
-    Equivalent to `headers[k] = v` for each, which costs ~15 µs apiece in mitmproxy's multidict; this
-    runs three to four times per request and the rate-limit headers add six more (profiled: ~140 µs
-    of the hooks' ~160 µs per request went to header writes).
+    Same effect as `req.scheme, req.host, req.port, req.path = target` (which updates the Host header and
+    the authority twice over, ~15 µs) followed by `_write_credential`.
     """
-    if not values:
-        return
-    new = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in values.items()]
-    names = {k.lower() for k, _ in new}
-    headers.fields = tuple(f for f in headers.fields if f[0].lower() not in names) + tuple(new)
+    values: dict[str, str] = {}
+    if target is not None:
+        scheme, host, port, path = target
+        d = req.data
+        d.scheme, d.host, d.port, d.path = scheme.encode(), host, port, path.encode("utf-8", "surrogateescape")
+        hp = hostport(scheme, host, port)
+        if hdrs.get(d.headers, b"host") is not None:
+            values["host"] = hp
+        if d.authority:
+            req.authority = hp  # (HTTP/2: the :authority the provider sees)
+    if cred.where == "query":
+        req.query[cred.name] = prov.credential_value(cred, secret)
+    else:
+        values[cred.name] = prov.credential_value(cred, secret)
+    hdrs.set_many(req.headers, values)
 
 
 def _estimate_tokens(protocol: str, kind: str, body: Any, model: str | None, out_text: str) -> tuple[int, int]:

@@ -6,6 +6,8 @@ ledger thread whenever the keys table changes, so the event loop never locks or 
 from __future__ import annotations
 
 import hmac
+import math
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -27,10 +29,17 @@ class Authenticator:
     def __init__(self, master_key: str | None = None, virtual_keys_enabled: bool = True):
         self.master_key = master_key
         self.virtual_keys_enabled = virtual_keys_enabled
-        self._keys: dict[str, KeyRecord] = {}
+        # (keys by hash, cache) swapped whole by the ledger thread: the loop sees the old or the new pair,
+        # never half. The cache maps a hash to (Identity, expiry as epoch seconds) of an active key, filled on
+        # first use: one dict lookup per request instead of building an Identity and a datetime each time.
+        self._table: tuple[dict[str, KeyRecord], dict[str, tuple[Identity, float]]] = ({}, {})
 
     def set_keys(self, keys: dict[str, KeyRecord]) -> None:
-        self._keys = keys  # whole-dict swap: readers on the loop see the old or the new table, never half
+        self._table = (keys, {})
+
+    @property
+    def _keys(self) -> dict[str, KeyRecord]:
+        return self._table[0]
 
     def configure(self, master_key: str | None, virtual_keys_enabled: bool) -> None:
         self.master_key = master_key
@@ -48,7 +57,13 @@ class Authenticator:
             return MASTER, ""
         if not self.virtual_keys_enabled:
             return None, "virtual keys are disabled on this gateway"
-        rec = self._keys.get(hash_key(presented))
+        h = hash_key(presented)
+        keys, active = self._table
+        if now is None:
+            hit = active.get(h)
+            if hit is not None and time.time() < hit[1]:
+                return hit[0], ""
+        rec = keys.get(h)
         if rec is None:
             return None, "unknown API key: present a tollgate virtual key (tollgate keys create)"
         now = now or datetime.now(timezone.utc)
@@ -56,4 +71,6 @@ class Authenticator:
             return None, f"virtual key {rec.key_id} has been revoked"
         if rec.expires_at is not None and rec.expires_at <= now:
             return None, f"virtual key {rec.key_id} expired at {rec.expires_at:%Y-%m-%d %H:%M} UTC"
-        return Identity(rec.key_id, rec.user_id, rec.tier, rec.metadata), ""
+        ident = Identity(rec.key_id, rec.user_id, rec.tier, rec.metadata)
+        active[h] = (ident, rec.expires_at.timestamp() if rec.expires_at is not None else math.inf)
+        return ident, ""

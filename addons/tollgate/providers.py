@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from tollgate import headers as hdrs
 from tollgate.sse import SSEEvent
 from tollgate.usage import Usage
 
@@ -144,7 +145,11 @@ class Credential:
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """Case-insensitive lookup that works for mitmproxy's Headers and for a plain dict."""
+    """Case-insensitive lookup that works for mitmproxy's Headers (read off its raw fields: see
+    headers.py for why) and for a plain dict."""
+    if hasattr(headers, "fields"):
+        v = hdrs.get(headers, name.encode())
+        return None if v is None else v.decode("utf-8", "surrogateescape")
     try:
         v = headers.get(name)
     except Exception:
@@ -485,6 +490,69 @@ def _usage_from_json(protocol: str, kind: str, body: Any) -> Usage | None:
         return _openai_usage(u)
     except Exception:  # defensive: malformed provider JSON must never break metering
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading only what metering needs from a large JSON answer
+
+_REPORT_KEYS = (b'"usageMetadata"', b'"usage"')  # Gemini's first: an OpenAI answer never has it
+_MODEL_HEAD = 2048  # an answer's model is among its first members (id, object, created, model, ...)
+_MODEL_MEMBER = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def metering_fields(content: bytes) -> dict | None:
+    """The top-level members of a JSON answer that metering reads, without parsing the rest.
+
+    An answer's bulk is its choices, content or embeddings; its usage report is one of its last members
+    (OpenAI, Anthropic, Gemini and the compatible servers all put it after the content) and its model one of
+    the first. So the report is found from the end and parsed together with the members after it, which
+    *proves* it is a member of the top-level object: from a nested position the rest would not parse as the
+    object's closing members. The model comes from the members after the report (Gemini's modelVersion) or
+    from the head, proven top-level the same way. Returns e.g. {"usage": {...}, "model": "..."} or None
+    when anything is not as expected — the caller then parses the whole answer, so this is never less exact.
+    """
+    for key in _REPORT_KEYS:
+        i = content.rfind(key)
+        if i > 0:
+            break
+    else:
+        return None
+    if _escaped(content, i):
+        return None
+    try:
+        fields = json.loads(b"{" + content[i:])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(fields, dict) or not isinstance(fields.get(key[1:-1].decode()), dict):
+        return None
+    if "model" in fields or "modelVersion" in fields:
+        return fields
+    j = content.rfind(b'"model"', max(0, i - _MODEL_HEAD), i)  # e.g. embeddings: data, model, usage
+    if j > 0 and not _escaped(content, j):
+        try:
+            near = json.loads(b"{" + content[j:])
+        except (ValueError, RecursionError):
+            near = None
+        if isinstance(near, dict) and "model" in near:
+            return near
+    m = _MODEL_MEMBER.search(content, 0, min(i, _MODEL_HEAD))
+    if m is None or _escaped(content, m.start()):
+        return None
+    try:  # the members before it plus a stand-in must close the top-level object
+        json.loads(content[:m.start()] + b'"_":0}')
+        model = json.loads(m.group(1))
+    except (ValueError, RecursionError):
+        return None
+    fields["model"] = model
+    return fields
+
+
+def _escaped(content: bytes, i: int) -> bool:
+    """Whether the quote at content[i] is escaped (inside a string), i.e. preceded by an odd run of backslashes."""
+    n = 0
+    while i - n - 1 >= 0 and content[i - n - 1] == 0x5C:
+        n += 1
+    return n % 2 == 1
 
 
 def model_from_json(protocol: str, body: Any) -> str | None:

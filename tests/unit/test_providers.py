@@ -989,3 +989,69 @@ def test_endpoint_kind_cache_never_holds_the_query() -> None:
     hits = cached.cache_info().hits
     cached("gemini", "/v1beta/models/g:generateContent")
     assert cached.cache_info().hits == hits + 1
+
+
+# ==================================================================================================
+# metering_fields: a long answer's usage and model without parsing its bulk
+
+from tollgate.providers import metering_fields  # noqa: E402
+
+_CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * 3000}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 11, "completion_tokens": 3000, "total_tokens": 3011}, "system_fingerprint": "fp"}
+_EMB = {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [0.25] * 1536} for i in range(3)],
+        "model": "text-embedding-3-small", "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+_MSG = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "x" * 9000},
+                    {"type": "tool_use", "id": "t", "name": "f", "input": {"usage": {"input_tokens": 999}}}],
+        "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 2400, "cache_read_input_tokens": 4}}
+_GEM = {"candidates": [{"content": {"parts": [{"text": "y" * 9000}], "role": "model"}}],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2000, "totalTokenCount": 2005},
+        "modelVersion": "gemini-2.0-flash", "responseId": "r"}
+
+
+@pytest.mark.parametrize("doc, protocol, kind", [
+    (_CHAT, "openai", "chat"), (_EMB, "openai", "embeddings"), (_MSG, "anthropic", "messages"),
+    (_GEM, "gemini", "generate"),
+    ({**_CHAT, "model": "m\u00e9\\\"x"}, "openai", "chat"),  # escapes in the model name
+])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_metering_fields_meter_as_the_whole_answer(doc, protocol, kind, indent):
+    raw = json.dumps(doc, indent=indent).encode()
+    fields = metering_fields(raw)
+    assert fields is not None
+    assert usage_from_json(protocol, kind, fields) == usage_from_json(protocol, kind, doc)
+    assert model_from_json(protocol, fields) == model_from_json(protocol, doc)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"choices": [{"usage": {"prompt_tokens": 1}}], "model": "m"}',  # only a nested usage
+    b'{"model": "m", "x": {"usage": {"prompt_tokens": 1}, "y": 1}}',  # nested, members after it
+    b'{"model": "m", "content": "say \\"usage\\": {\\"prompt_tokens\\": 1}"}',  # inside a string
+    b'{"model": "m", "usage": {"prompt_tokens": 1}',  # truncated
+    b'{"usage": "none", "model": "m"}',  # not an object
+    b'{"nested": {"model": "m"}, "usage": {"prompt_tokens": 1}}',  # the only model is nested
+    b'[{"usage": {"prompt_tokens": 1}, "model": "m"}]',  # an array answer
+    b'not json "usage": {}}',
+    b'',
+])
+def test_metering_fields_refuses_what_it_cannot_prove(raw):
+    fields = metering_fields(raw)
+    assert fields is None or (isinstance(fields.get("usage"), dict) and "model" in fields)
+    if fields is not None:  # whatever it returns must be what a whole parse says
+        doc = json.loads(raw)
+        assert fields["usage"] == doc["usage"] and fields["model"] == doc["model"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(["usage", "model", "a"]), c, max_size=3),
+                    max_leaves=12))
+def test_metering_fields_never_contradicts_a_whole_parse(doc):
+    raw = json.dumps(doc).encode()
+    fields = metering_fields(raw)
+    if fields is not None:
+        assert isinstance(doc, dict)
+        assert fields["usage"] == doc["usage"]
+        assert fields.get("model", fields.get("modelVersion")) == doc.get("model", doc.get("modelVersion"))
