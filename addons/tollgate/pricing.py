@@ -19,6 +19,7 @@ import fnmatch
 import logging
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -251,6 +252,12 @@ def _model_price(info: gp.ModelInfo) -> gp.ModelPrice:
 
 
 def _genai_cost(prices_id: str | None, model: str, u: Usage) -> Decimal | None:
+    reduced = _reduced_for(prices_id, model)
+    return None if reduced is None else _reduced_cost(reduced, _counts(u))
+
+
+def _reduced_for(prices_id: str | None, model: str) -> _Reduced | None:
+    """The model's prices active now, reduced to our usage kinds; None when genai-prices does not know it."""
     resolved = _resolve(prices_id, model)
     if resolved is None:
         return None
@@ -262,7 +269,7 @@ def _genai_cost(prices_id: str | None, model: str, u: Usage) -> Decimal | None:
         except ValueError:  # invalid price data in the snapshot; calc_price raises on it as well
             return None
         _bounded_put(_REDUCED, id(mp), reduced)
-    return _reduced_cost(reduced, _counts(u))
+    return reduced
 
 
 def genai_usage(u: Usage) -> object:
@@ -294,6 +301,11 @@ class Pricer:
     def __init__(self, overrides: Mapping[str, Mapping[str, float]] | None = None):
         self._overrides = _Overrides(parse_costs(overrides))
         self._warned: set[tuple[str, str | None]] = set()
+        # (provider, prices_id, model) -> (valid until, override rates, genai-prices' reduced prices): one dict
+        # lookup per request instead of the override globs, genai-prices' resolution and the dated-price pick
+        # (two lookups per request: the budget's worst case and the cost). Entries live PLAN_TTL seconds so
+        # prices that change with the date (genai-prices' dated and time-of-day prices) are picked up.
+        self._plans: dict[tuple[str, str | None, str | None], tuple[float, Rates | None, _Reduced | None]] = {}
         data_snapshot.get_snapshot()  # load the bundled table (~0.3 s, once per process) now, not mid-request
 
     def cost(self, provider: str, prices_id: str | None, model: str | None, usage: Usage) -> Decimal | None:
@@ -309,20 +321,31 @@ class Pricer:
                            (model or "")[:200], usage.input_tokens, usage.output_tokens)
             return None
 
+    PLAN_TTL = 60.0
+
     def _cost(self, provider: str, prices_id: str | None, model: str | None, usage: Usage) -> Decimal | None:
-        rates = self._overrides.find(f"{provider}:{model or ''}".lower())
+        key = (provider, prices_id, model)
+        plan = self._plans.get(key)
+        if plan is None or plan[0] <= time.monotonic():
+            plan = self._plan(provider, prices_id, model)
+            _bounded_put(self._plans, key, plan)
+        _, rates, reduced = plan
         if rates is not None:
             return rates.cost(usage).quantize(QUANTUM, ROUND_HALF_EVEN)
-        total = None
-        if model:
-            try:
-                total = _genai_cost(prices_id, model, usage)
-            except Exception:  # never let pricing fail a request; the ledger row just has no cost
-                logger.exception("pricing %s model %r failed", provider, model[:200])
-        if total is None:
+        if reduced is None:
             self._warn_unknown(provider, prices_id, model)
             return None
-        return total.quantize(QUANTUM, ROUND_HALF_EVEN)
+        return _reduced_cost(reduced, _counts(usage)).quantize(QUANTUM, ROUND_HALF_EVEN)
+
+    def _plan(self, provider: str, prices_id: str | None, model: str | None) -> tuple[float, Rates | None, _Reduced | None]:
+        rates = self._overrides.find(f"{provider}:{model or ''}".lower())
+        reduced = None
+        if rates is None and model:
+            try:
+                reduced = _reduced_for(prices_id, model)
+            except Exception:  # never let pricing fail a request; the ledger row just has no cost
+                logger.exception("pricing %s model %r failed", provider, model[:200])
+        return time.monotonic() + self.PLAN_TTL, rates, reduced
 
     def known_models(self, prices_id: str) -> list[str]:
         """The model ids genai-prices has prices for under this provider (empty when it has none)."""

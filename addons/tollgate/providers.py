@@ -445,7 +445,14 @@ _COUNT_FIELDS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_t
 
 def _doubtful(u: Any) -> bool:
     """A count field that is present but not a count: what was read from this usage is not the whole truth."""
-    return isinstance(u, dict) and any(k in u and u[k] is not None and _int(u[k]) is None for k in _COUNT_FIELDS)
+    if not isinstance(u, dict):
+        return False
+    get = u.get
+    for k in _COUNT_FIELDS:  # (a loop, not any(<generator>): this runs twice per answer)
+        v = get(k)
+        if v is not None and not (type(v) is int and 0 <= v <= MAX_COUNT) and _int(v) is None:
+            return True
+    return False
 
 
 def usage_from_json(protocol: str, kind: str, body: Any) -> Usage | None:
