@@ -296,15 +296,17 @@ class Gateway:
         ex.body = body
         if not self._admit(flow, ex):
             return
+        extra = None
         if facts.stream and not facts.include_usage and facts.kind in ("chat", "completions") \
                 and isinstance(body, dict):
             # Ask for usage so the stream can be metered exactly; the tap removes it again.
             opts = body.get("stream_options")
             if opts is None or isinstance(opts, dict):
+                had_key = "stream_options" in body
                 body["stream_options"] = {**(opts or {}), "include_usage": True}
-                req.content = json.dumps(body, separators=(",", ":")).encode()
+                extra = _with_usage_asked(req, body, had_key)
                 ex.strip_usage = True
-        _forward(req, ex.cred, provider.api_key, target or provider.redirect(req.path))
+        _forward(req, ex.cred, provider.api_key, target or provider.redirect(req.path), extra)
         ex.redacted = False  # the real key is in the flow now, until _redact
         # The upstream timeout: one sweeping task checks the deadlines (a timer per request cost ~5 µs).
         ex.deadline = time.monotonic() + self.policy.gateway.upstream_timeout
@@ -409,11 +411,10 @@ class Gateway:
             except ValueError:
                 sse = False  # cannot read it: relay untouched, estimate the usage
             else:
-                del resp.headers["content-encoding"]
-                resp.headers.pop("content-length", None)
+                hdrs.remove(resp.headers, b"content-encoding", b"content-length")
         ex.tap = StreamTap(prov.StreamUsage(ex.wire, ex.kind), sse=sse, strip_usage=ex.strip_usage, decode=decode)
         if ex.tap.strip_usage:
-            resp.headers.pop("content-length", None)  # the body shrinks; a stale length would hang the app
+            hdrs.remove(resp.headers, b"content-length")  # the body shrinks; a stale length would hang the app
         resp.stream = ex.tap
 
     async def _response(self, flow: http.HTTPFlow, ex: Exchange) -> None:
@@ -763,14 +764,35 @@ def _write_credential(req: http.Request, cred: prov.Credential, secret: str) -> 
         hdrs.set_many(req.headers, {cred.name: value})
 
 
+def _with_usage_asked(req: http.Request, body: dict, had_key: bool) -> dict[str, str]:
+    """Write the request body with stream_options.include_usage set; returns headers for _forward to write.
+
+    A body without stream_options (the usual case) gets the member spliced in after its opening brace:
+    re-serializing the whole prompt costs ~5 µs per KB. Anything else (the key present, a content-encoding)
+    is serialized again from the parsed body.
+    """
+    raw = req.raw_content or b""
+    body_start = raw.lstrip()[:1]
+    if not had_key and body_start == b"{" and hdrs.get(req.headers, b"content-encoding") is None \
+            and hdrs.get(req.headers, b"transfer-encoding") is None:
+        i = raw.index(b"{") + 1
+        rest = raw[i:]
+        member = b'"stream_options":{"include_usage":true}'
+        new = raw[:i] + member + (b"," if rest.strip()[:1] != b"}" else b"") + rest
+        req.raw_content = new
+        return {"content-length": str(len(new))}
+    req.content = json.dumps(body, separators=(",", ":")).encode()
+    return {}
+
+
 def _forward(req: http.Request, cred: prov.Credential, secret: str,
-             target: tuple[str, str, int, str] | None) -> None:
+             target: tuple[str, str, int, str] | None, extra: dict[str, str] | None = None) -> None:
     """Put the real key in and, for a base_url or the unified API, re-target the request — in one header pass.
 
     Same effect as `req.scheme, req.host, req.port, req.path = target` (which updates the Host header and
     the authority twice over, ~15 µs) followed by `_write_credential`.
     """
-    values: dict[str, str] = {}
+    values: dict[str, str] = dict(extra) if extra else {}
     if target is not None:
         scheme, host, port, path = target
         d = req.data

@@ -59,3 +59,11 @@ def set_many(headers: Any, values: dict[str, str]) -> None:
         if v is not None:
             out.append((k, v))
     headers.fields = tuple(out)
+
+
+def remove(headers: Any, *names: bytes) -> None:
+    """Drop every field of these headers (`names` in lower case), like `headers.pop(name, None)` for each."""
+    fields = headers.fields
+    kept = tuple(f for f in fields if f[0].lower() not in names)
+    if len(kept) != len(fields):
+        headers.fields = kept

@@ -57,3 +57,15 @@ def test_set_many_is_setitem_in_one_pass(fields, values, want):
     for k, v in values.items():
         ref[k] = v
     assert {k.lower(): v for k, v in ref.items(multi=True)} == {k.lower(): v for k, v in h.items(multi=True)}
+
+
+@pytest.mark.parametrize("fields, names, want", [
+    ([("Content-Length", "5"), ("Content-Encoding", "gzip"), ("X", "1")], (b"content-encoding", b"content-length"),
+     [("X", "1")]),
+    ([("X", "1"), ("content-length", "5"), ("Content-Length", "6")], (b"content-length",), [("X", "1")]),
+    ([("X", "1")], (b"content-length",), [("X", "1")]),
+])
+def test_remove_is_pop_for_each(fields, names, want):
+    h = H(*fields)
+    hdrs.remove(h, *names)
+    assert [(k.decode(), v.decode()) for k, v in h.fields] == want
