@@ -2,17 +2,24 @@
 
 DuckDB lets one process write a database file, and a process that merely *reads* it (the `duckdb` CLI,
 `duckdb.connect(path, read_only=True)`, `tollgate keys create` in another shell) locks it too. So the gateway
-never keeps the file open: every `flush_interval` the writer thread attaches the file, inserts a batch, and
-detaches it again. ``ATTACH``/``DETACH`` on a long-lived in-memory connection holds the file for ~7-10 ms per
-small batch (measured, DuckDB 2.0.1, 1M-row table: attach ~1.5, insert ~4, checkpointing detach ~4); a fresh
-``duckdb.connect(path)`` per batch holds it ~27-31 ms (most of it building a new database instance), so other
-processes collide with the gateway 3-4 times less often. The spool is parsed (``read_json``) before the
-attach, so parsing never extends the lock.
+never keeps the file open: every `land_interval` (or at once when LAND_ROWS rows wait) the writer thread
+attaches the file, inserts what the spool holds, and detaches it again. ``ATTACH``/``INSERT``/``DETACH`` on a
+long-lived in-memory connection holds the file ~10-12 ms per landing of a few hundred rows (measured, DuckDB
+2.0.1, 1M-row table: attach ~1, the insert ~6 of which ~2 parse the spool with ``read_json``, checkpointing
+detach ~4); a fresh ``duckdb.connect(path)`` per batch holds it ~27-31 ms (most of it building a new database
+instance), so other processes collide with the gateway 3-4 times less often. The insert parses the spool
+itself: parsing it into a temp table before the attach kept ~2 ms out of the lock but cost ~5 ms more CPU
+per landing (the temp table, a window function, five more statements) for about the same hold.
+
+CPU is the writer's budget (the proxy's cores are shared; measured with ``stats['cpu_seconds']``): rows that
+already have their columns' types skip coercion and are encoded in Rust (:func:`_fast_line`), a landing is
+three statements, and the de-duplicating window function runs only for chunks the writer cannot vouch for.
 
 Durability: rows are appended to a JSONL *spool* (fsync once per batch) before any attempt on the database.
 While someone else holds the file the rows stay there and land on a later round; after a crash the next
-start replays the spool. Replays cannot duplicate rows: the insert anti-joins on ``request_id`` within the
-spool's time window (see :data:`_INSERT` for why that rather than a PRIMARY KEY).
+start replays the spool. A backlog lands in chunks of at most LAND_BYTES (DuckDB's memory is capped), and the
+spool is truncated once all of it is in. Replays cannot duplicate rows: the insert anti-joins on
+``request_id`` within the chunk's time window (see :data:`_DDL` for why that rather than a PRIMARY KEY).
 
 The event loop only ever calls :meth:`Ledger.record` (a list append under a lock held for nanoseconds).
 """
@@ -26,15 +33,21 @@ import math
 import os
 import re
 import threading
-from concurrent.futures import Future
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from operator import contains
+from typing import Any, NamedTuple
 
 import duckdb
+
+try:  # Rust JSON encoder, ~6x json.dumps per row; pydantic (which genai-prices requires) always brings it
+    from pydantic_core import to_json as _rust_json
+except ImportError:  # pragma: no cover - the row fast path then uses json.dumps
+    _rust_json = None
 
 from .keys import KeyRecord, keys_signature, load_keys
 
@@ -124,6 +137,10 @@ class LedgerError(RuntimeError):
 
 class LedgerLocked(LedgerError):
     """Another process holds the database file."""
+
+
+class _SpoolRefused(Exception):
+    """DuckDB could not read a spool chunk (a value of the wrong type, a line that is not JSON)."""
 
 
 def ensure_schema(con) -> None:
@@ -246,19 +263,28 @@ def _as_str(v: Any) -> str | None:
     return str(v)
 
 
-def _as_int(v: Any) -> int | None:
+_I32 = 2**31  # INTEGER holds -2**31 <= x < 2**31
+_I64 = 2**63  # BIGINT
+
+
+def _as_int(v: Any, limit: int = _I64) -> int | None:
+    """An int that fits the column: read_json refuses the whole spool over one value out of range."""
     if v is None:
         return None
-    if type(v) is int:
-        return v
-    if isinstance(v, float):
-        if not math.isfinite(v):
+    if type(v) is not int:
+        if isinstance(v, float) and not math.isfinite(v):
             raise _BadValue
-        return int(v)
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise _BadValue from None
+        try:
+            v = int(v)
+        except (TypeError, ValueError, OverflowError):
+            raise _BadValue from None
+    if not -limit <= v < limit:
+        raise _BadValue
+    return v
+
+
+def _as_int32(v: Any) -> int | None:
+    return _as_int(v, _I32)
 
 
 def _as_float(v: Any) -> float | None:
@@ -266,7 +292,7 @@ def _as_float(v: Any) -> float | None:
         return None
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _BadValue from None
     if not math.isfinite(f):
         raise _BadValue
@@ -306,12 +332,18 @@ def _as_ts(v: Any) -> str:
         except ValueError:
             raise _BadValue from None
     elif isinstance(v, int | float) and not isinstance(v, bool):
-        dt = datetime.fromtimestamp(v, UTC)
+        try:
+            dt = datetime.fromtimestamp(v, UTC)
+        except (OverflowError, OSError, ValueError):  # NaN, inf, beyond year 9999
+            raise _BadValue from None
     elif isinstance(v, date):
         dt = datetime(v.year, v.month, v.day)
     else:
         raise _BadValue
-    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    try:
+        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except (OverflowError, ValueError):  # an offset that pushes year 1 or 9999 out of range
+        raise _BadValue from None
     return dt.isoformat()
 
 
@@ -327,7 +359,7 @@ def _as_json(v: Any) -> Any:
 
 _COERCE: dict[str, Callable[[Any], Any]] = {
     "VARCHAR": _as_str,
-    "INTEGER": _as_int,
+    "INTEGER": _as_int32,
     "BIGINT": _as_int,
     "DOUBLE": _as_float,
     "BOOLEAN": _as_bool,
@@ -335,11 +367,9 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "JSON": _as_json,
     "TIMESTAMPTZ": _as_ts,
 }
-# Values whose type is already right skip the coercion call (the common case; it halves the cost per row).
+# Values whose type is already right skip the coercion call. (Not ints: they need their range checked.)
 _READY: dict[str, frozenset[type]] = {
     "VARCHAR": frozenset({str}),
-    "INTEGER": frozenset({int}),
-    "BIGINT": frozenset({int}),
     "BOOLEAN": frozenset({bool}),
     "JSON": frozenset({dict, list, int, float, bool}),
 }
@@ -353,6 +383,17 @@ _warned_values: set[tuple[str, type]] = set()
 
 def row_to_json(row: dict[str, Any]) -> str:
     """One spool line (no newline) for a ledger row dict: all columns, coerced, Decimal exact."""
+    return _row_line(row)[0].decode("utf-8")
+
+
+def _row_line(row: dict[str, Any]) -> tuple[bytes, str]:
+    """(spool line, request_id) for a row: the fast path when every value already has its column's type."""
+    fast = _fast_line(row)
+    return fast if fast is not None else _coerced_line(row)
+
+
+def _coerced_line(row: dict[str, Any]) -> tuple[bytes, str]:
+    """The slow path: coerce each value to its column type (NULL and a warning for what cannot be)."""
     out: dict[str, Any] = {}
     get = row.get
     for name, coerce, ready in _PLAN:
@@ -377,10 +418,94 @@ def row_to_json(row: dict[str, Any]) -> str:
             _warned_fields.add(extra)
             log.warning("ledger: row field %r is not a ledger column (ignored)", extra)
     try:
-        return json.dumps(out, separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)
+        text = json.dumps(out, separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)
     except ValueError:  # NaN/Infinity (not JSON: DuckDB would refuse the line) or a cycle, in metadata
         out["metadata"] = _plain_json(out["metadata"])
-        return json.dumps(out, separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)
+        text = json.dumps(out, separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)
+    return text.encode("utf-8", "replace"), out["request_id"]
+
+
+# The fast path: rows as Exchange.row() makes them (str/int/bool/None, an aware UTC datetime or a float epoch
+# for ts, a Decimal cost, float latencies, a flat dict of metadata) need no coercion, only a check. The check
+# runs in C (map/all over per-column type sets), and the line is written by pydantic-core's Rust encoder.
+# Anything else, or anything the checks below are unsure of, takes the slow path above, so both write the same
+# values (the fast path only writes ts as '...Z' rather than '...+00:00', which is the same instant).
+_NONE = type(None)
+_FAST_TYPES: dict[str, frozenset[type]] = {
+    "VARCHAR": frozenset({str, _NONE}),
+    "TIMESTAMPTZ": frozenset({datetime, float}),
+    "INTEGER": frozenset({int, _NONE}),
+    "BIGINT": frozenset({int, _NONE}),
+    "DOUBLE": frozenset({float, _NONE}),
+    "BOOLEAN": frozenset({bool, _NONE}),
+    "DECIMAL(18,9)": frozenset({Decimal, _NONE}),
+    "JSON": frozenset({dict, _NONE}),
+}
+_FAST: tuple[frozenset[type], ...] = tuple(_FAST_TYPES[t] for _, t in REQUEST_SCHEMA)
+_INT32_COLS = tuple(n for n, t in REQUEST_SCHEMA if t == "INTEGER")
+_INT64_COLS = tuple(n for n, t in REQUEST_SCHEMA if t == "BIGINT")
+_FLOAT_COLS = tuple(n for n, t in REQUEST_SCHEMA if t == "DOUBLE")
+_FLAT_JSON = frozenset({str, int, float, bool, _NONE})  # metadata values the fast path takes as they are
+_STR = frozenset({str})
+_isfinite = math.isfinite
+_fromtimestamp = datetime.fromtimestamp
+_FAST_SIGS: dict[tuple[type, ...], bool] = {}  # a row's value types -> all of them fit their columns
+_TS_MAX = 253402300000.0  # epoch seconds a little before 9999-12-31: fromtimestamp never overflows below
+
+
+def _fast_line(row: Any) -> tuple[bytes, str] | None:
+    """The spool line for a row that needs no coercion, or None (then the slow path decides).
+
+    Rows must have exactly the ledger's columns in the ledger's order (as Exchange.row() builds them): then
+    the row dict itself is what gets encoded, with no copy unless ts or cost_usd need rewriting.
+    """
+    if type(row) is not dict or tuple(row) != COLUMNS or _rust_json is None:
+        return None
+    types = tuple(map(type, row.values()))
+    ok = _FAST_SIGS.get(types)
+    if ok is None:  # a new pattern of types (which columns are None, float or datetime ts): judge it once
+        ok = all(map(contains, _FAST, types))
+        if len(_FAST_SIGS) < 1024:
+            _FAST_SIGS[types] = ok
+    if not ok:
+        return None
+    rid = row["request_id"]
+    if not rid:
+        return None
+    for name in _INT64_COLS:
+        v = row[name]
+        if v is not None and not -_I64 <= v < _I64:
+            return None
+    for name in _INT32_COLS:
+        v = row[name]
+        if v is not None and not -_I32 <= v < _I32:
+            return None
+    for name in _FLOAT_COLS:
+        v = row[name]
+        if v is not None and not _isfinite(v):
+            return None
+    meta = row["metadata"]
+    if meta and not (_FLAT_JSON.issuperset(map(type, meta.values())) and _STR.issuperset(map(type, meta))):
+        return None  # nested or odd metadata: json.dumps(default=str) decides how it looks
+    fix: dict[str, Any] | None = None
+    ts = row["ts"]
+    if type(ts) is float:
+        if not 0.0 <= ts < _TS_MAX:  # NaN, before 1970 or near year 9999: the slow path (and its warning)
+            return None
+        fix = {"ts": _fromtimestamp(ts, UTC)}
+    elif ts.tzinfo is not UTC:  # naive (UTC by convention) or another zone: the slow path converts
+        return None
+    cost = row["cost_usd"]
+    if cost is not None:
+        if not cost.is_finite() or not -_COST_LIMIT < cost < _COST_LIMIT:
+            return None
+        if "E" in str(cost):  # the encoder writes str(cost): '1E-7' would be exact too, but plain is plainer
+            fix = (fix or {}) | {"cost_usd": format(cost, "f")}
+    try:
+        # inf_nan_mode='null': a NaN in metadata becomes null, as the slow path makes it.
+        return _rust_json(row if fix is None else row | fix, inf_nan_mode="null"), rid
+    except Exception:  # e.g. a lone surrogate in a string: the slow path replaces it
+        return None
 
 
 def _plain_json(value: Any) -> Any:
@@ -391,20 +516,31 @@ def _plain_json(value: Any) -> Any:
         return None
 
 
-_READ_SPOOL = (
-    "CREATE OR REPLACE TEMP TABLE tg_spool AS SELECT * FROM read_json(?, format='newline_delimited', columns={"
-    + ", ".join(f"'{n}': '{t}'" for n, t in REQUEST_SCHEMA)
-    + "}) QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY ts) = 1"
-)
-_COLS = ", ".join(COLUMNS)
-# Rows already in the ledger (a crash between commit and spool truncation) share request_id *and* ts with their
-# spool copy, so only rows at or after the spool's oldest ts need checking; DuckDB's zone maps skip the rest.
-_INSERT = (
-    f"INSERT INTO requests ({_COLS}) SELECT {_COLS} FROM temp.tg_spool s"
-    " ANTI JOIN (SELECT request_id FROM requests WHERE ts >= ?) r USING (request_id)"
-)
-
 _ALIAS = "tg_ledger"
+_COLS = ", ".join(COLUMNS)
+_JSON_COLUMNS = "{" + ", ".join(f"'{n}': '{t}'" for n, t in REQUEST_SCHEMA) + "}"
+
+
+def _insert_sql(dedup: bool) -> str:
+    """One statement that parses a spool chunk (DuckDB's read_json, off the GIL) and inserts its new rows.
+
+    Rows already in the ledger (a crash between commit and spool truncation, or a landing whose outcome was
+    unclear) share request_id *and* ts with their spool copy, so only rows at or after the chunk's oldest ts
+    need checking; DuckDB's zone maps skip the rest (with the bound as a subquery too: measured on 1M rows).
+    `dedup` also keeps one row per request_id within the chunk, for chunks the writer could not vouch for
+    (a window function: ~2 ms a landing, so only when needed).
+    """
+    qualify = " QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY ts) = 1" if dedup else ""
+    return (
+        f"INSERT INTO {_ALIAS}.requests ({_COLS}) WITH s AS MATERIALIZED (SELECT * FROM read_json(?,"
+        f" format='newline_delimited', columns={_JSON_COLUMNS}){qualify})"
+        f" SELECT {_COLS} FROM s ANTI JOIN (SELECT request_id FROM {_ALIAS}.requests"
+        " WHERE ts >= (SELECT min(ts) FROM s)) r USING (request_id)"
+    )
+
+
+_INSERT = _insert_sql(dedup=False)
+_INSERT_DEDUP = _insert_sql(dedup=True)
 _ORPHAN = re.compile(r"\.\d+")  # the '.<pid>' of a fallback spool
 
 
@@ -436,7 +572,7 @@ def _valid_lines(data: bytes) -> tuple[list[bytes], int]:
             bad += 1
             continue
         if isinstance(obj, dict):
-            good.append(row_to_json(obj).encode("utf-8", "replace"))  # re-coerce: the schema may have grown
+            good.append(_coerced_line(obj)[0])  # re-coerce: the schema may have grown
         else:
             bad += 1
     return good, bad
@@ -448,8 +584,18 @@ class Ledger:
     KEYS_SAFETY_INTERVAL = 30.0  # reload keys this often even if the file looks unchanged (coarse mtimes)
     LOCK_WARN_INTERVAL = 10.0
     MAX_BACKOFF = 2.0
-    START_WAIT = 2.0
-    LAND_ROWS = 5000  # land at once when this many rows wait, whatever the interval  # start() tries this long to create the schema and load keys before leaving it to the thread
+    START_WAIT = 2.0  # start() tries this long to create the schema and load keys before leaving it to the thread
+    LAND_ROWS = 5000  # land at once when this many rows wait, whatever the interval
+    # One landing takes at most this much of the spool (~15k rows): a backlog (a burst, or an hour behind a
+    # reader's lock) lands chunk after chunk, within DuckDB's 64 MB cap, instead of failing to parse at once.
+    LAND_BYTES = 8 << 20
+    TRACK_IDS = 16_384  # request_ids of unlanded rows the writer remembers (past that, SQL de-duplicates);
+    # bounded because dropping the set frees them all at once under the GIL (50k: ~4 ms)
+    # Rows serialized between GIL hand-overs (time.sleep(0)) to the event loop: ~0.2 ms of work. Measured on a
+    # 30k-row burst: 32 keeps the loop's lag p99 under 1 ms; 256 let it reach ~7 ms, no slicing 5 ms (the
+    # interpreter's switch interval) on every wake-up.
+    SLICE_ROWS = 32
+    BLOB_ROWS = 1024  # lines joined into one bytes object (one write), so that no join holds the GIL for long
 
     def __init__(
         self,
@@ -492,23 +638,35 @@ class Ledger:
         self._mem: duckdb.DuckDBPyConnection | None = None
         self._spool_fd = -1
         self._lock_fd = -1
-        self._spool_rows = 0  # lines in the spool file (this run's and replayed)
-        self._carry: list[bytes] = []  # serialized rows the spool could not take yet (disk trouble)
+        self._spool_rows = 0  # lines in the spool file not landed yet (this run's and replayed)
+        self._spool_off = 0  # where they start: the lines before were landed by an earlier chunk
+        self._chunk_at: tuple[int, int, int] | None = None  # (offset, bytes, rows) copied to the .chunk file
+        self._carry: list[bytes] = []  # serialized rows ('\n'-terminated blobs) the spool could not take yet
+        self._carry_rows = 0
+        # request_ids of the unlanded spool rows, while it holds at most TRACK_IDS of them ("exact"): then a
+        # chunk is known to be free of duplicates and its insert skips the de-duplicating window function.
+        self._ids: set[str] = set()
+        self._ids_exact = True
+        self._attached = False  # the file may be attached (set before ATTACH, cleared by a clean DETACH)
+        self._using = False  # it is also the default catalog (USE), which DETACH must undo first
+        self._repaired = False  # the spool was rewritten after DuckDB refused it, and not landed since
+        self._warned_dups = False
+        self._halvings = 0  # of LAND_BYTES, after DuckDB ran out of memory on a chunk (huge rows)
         self._schema_ok = False
         self._healthy = True
         self._fails = 0
         self._retry_at = 0.0
         self._locked_since: float | None = None
-        self._lock_streak = False  # the last attempt met another process's lock
-        self._parsed_rows = -1  # spool rows already in temp.tg_spool (-1: none)
         self._last_error_log = -math.inf
         self._last_lock_warn = -math.inf
         self._keys_sig: tuple[int, int] | None = None
         self._keys_at = -math.inf
         self._file_seen: tuple | None = None
         self._queries: list[tuple[str, list, Future]] = []  # read queries for the writer thread to run
-        # For measurements and /health: inserts, rows inserted, lock conflicts met, seconds the file was held.
-        self.stats = {"batches": 0, "rows": 0, "lock_waits": 0, "write_seconds": 0.0}
+        # For measurements and /health: inserts, rows inserted, lock conflicts met, seconds the file was held,
+        # and the writer thread's CPU seconds (time.thread_time, so it counts only this thread's work: what
+        # the writer takes from the proxy's cores, whatever the machine's other load).
+        self.stats = {"batches": 0, "rows": 0, "lock_waits": 0, "write_seconds": 0.0, "cpu_seconds": 0.0}
 
     # --- API used on the event loop ------------------------------------------------------------------------
 
@@ -554,8 +712,10 @@ class Ledger:
         _make_parent(self.path)
         self._open_spool()
         # One thread and a memory cap: the in-memory database only stages spool rows for the insert, and
-        # DuckDB's defaults (a thread per core, 80 % of RAM) let its native memory creep up under load.
-        self._mem = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "64MB"})
+        # DuckDB's defaults (a thread per core, 80 % of RAM) let its native memory creep up under load. No
+        # spilling either: by default it goes to '.tmp' in whatever the working directory is, with ledger
+        # rows in files nobody made private; a chunk that does not fit is split instead (see _land).
+        self._mem = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "64MB", "temp_directory": ""})
         deadline = time.monotonic() + self.START_WAIT
         while True:
             outcome = self._land()
@@ -615,14 +775,17 @@ class Ledger:
                 if not stopping:
                     self._wake.wait(self.flush_interval)
                     self._wake.clear()
+                cpu = time.thread_time()
                 try:
                     self._cycle(stopping)
                 except Exception:  # the writer must survive anything
                     self._healthy = False
                     log.exception("ledger writer round failed")
+                finally:
+                    self.stats["cpu_seconds"] += time.thread_time() - cpu
                 if stopping:
                     with self._lock:
-                        done = not self._buf and not self._carry and self._spool_rows == 0
+                        done = not self._buf and not self._carry_rows and self._spool_rows == 0
                     if done or time.monotonic() >= self._stop_deadline:
                         break
                     time.sleep(0.05)
@@ -633,7 +796,7 @@ class Ledger:
         now = time.monotonic()
         self._spool_new_rows()
         due = (stopping or self._force_land or self._queries or self._spool_rows >= self.LAND_ROWS
-               or now - self._last_land >= self.land_interval)
+               or self._spool_off or now - self._last_land >= self.land_interval)
         if (self._spool_rows and due or not self._schema_ok) and (stopping or now >= self._retry_at):
             self._force_land = False
             self._last_land = now
@@ -715,10 +878,14 @@ class Ledger:
         os.replace(tmp, self.spool_path)
         for path, fd in self._adopted:  # still locked by us, so nobody else adopts them meanwhile
             _unlink(path)
+            _unlink(path + ".chunk")
             _unlink(path + ".lock")
             os.close(fd)
+        _unlink(self._chunk_path())  # a copy an earlier run made of its spool's head
         self._spool_fd = os.open(self.spool_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._spool_rows = len(lines)
+        self._spool_off = 0
+        self._ids_exact = not lines  # replayed rows are not in _ids: their first landing de-duplicates in SQL
         with self._lock:
             self._replay = len(lines)
         if lines:
@@ -771,25 +938,15 @@ class Ledger:
         with self._lock:
             batch, self._buf = self._buf, []
         if batch:
-            lines = []
-            dropped = 0
-            for row in batch:
-                try:
-                    lines.append(row_to_json(row).encode("utf-8", "replace"))
-                except Exception:  # not a dict, or something json cannot take even with default=str
-                    dropped += 1
-            if dropped:
-                log.error("ledger: %d row(s) were not dicts of ledger columns and were dropped", dropped)
-                self._count_landed(dropped)
-            self._carry.extend(lines)
-        if not self._carry:
+            self._serialize(batch)
+        if not self._carry_rows:
             return
-        data = b"\n".join(self._carry) + b"\n"
         size = os.lseek(self._spool_fd, 0, os.SEEK_END)
         try:
-            written = 0
-            while written < len(data):
-                written += os.write(self._spool_fd, data[written:])
+            for blob in self._carry:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(self._spool_fd, view):]
             os.fsync(self._spool_fd)
         except OSError as exc:
             self._healthy = False
@@ -798,40 +955,145 @@ class Ledger:
             except OSError:
                 pass
             log.error("cannot write spool %s (%s); %d row(s) kept in memory", self.spool_path, exc,
-                      len(self._carry))
+                      self._carry_rows)
             return
-        self._spool_rows += len(self._carry)
-        self._carry = []
+        self._spool_rows += self._carry_rows
+        self._carry, self._carry_rows = [], 0
+
+    def _serialize(self, batch: list) -> None:
+        """Serialize a batch into `_carry`, in slices with the GIL handed back to the event loop in between.
+
+        Rows whose request_id is already waiting in the spool are dropped here (while _ids is exact), so
+        that most landings can skip the de-duplicating window function.
+        """
+        ids = self._ids if self._ids_exact else None
+        dropped = dups = 0
+        lines: list[bytes] = []
+        n = len(batch)
+        for start in range(0, n, self.SLICE_ROWS):
+            if start:
+                time.sleep(0)  # a GIL release: a burst's serialization must not stall the loop for long
+            for i in range(start, min(n, start + self.SLICE_ROWS)):
+                # Each row is freed as soon as it is serialized: freeing 100k rows at once when the batch
+                # goes held the GIL ~40 ms (measured), a stall the slices above are there to prevent.
+                row, batch[i] = batch[i], None
+                try:
+                    line, rid = _row_line(row)
+                except Exception:  # not a dict, or something json cannot take even with default=str
+                    dropped += 1
+                    continue
+                if ids is not None:
+                    if rid in ids:
+                        dups += 1
+                        continue
+                    ids.add(rid)
+                lines.append(line)
+            if len(lines) >= self.BLOB_ROWS:
+                self._add_blob(lines)
+                lines = []
+            if ids is not None and len(ids) > self.TRACK_IDS:  # a backlog: SQL de-duplicates until it lands
+                self._ids_exact = False
+                ids.clear()
+                ids = None
+        if lines:
+            self._add_blob(lines)
+        if dropped:
+            log.error("ledger: %d row(s) were not dicts of ledger columns and were dropped", dropped)
+        if dups:  # a caller recording one request twice: say so once, loudly, then quietly
+            log.log(logging.DEBUG if self._warned_dups else logging.WARNING,
+                    "ledger: %d row(s) repeated the request_id of a row not landed yet (dropped)", dups)
+            self._warned_dups = True
+        if dropped or dups:
+            self._count_landed(dropped + dups)
+
+    def _add_blob(self, lines: list[bytes]) -> None:
+        self._carry_rows += len(lines)
+        lines.append(b"")
+        self._carry.append(b"\n".join(lines))
 
     def _truncate_spool(self) -> None:
         os.ftruncate(self._spool_fd, 0)
         os.fsync(self._spool_fd)
+        self._spool_off = 0
+        if self._chunk_at is not None:
+            self._chunk_at = None
+            _unlink(self._chunk_path())
+        if not self._carry_rows:  # (rows still in _carry are in _ids, or exactness was already lost)
+            self._ids.clear()
+            self._ids_exact = True
+
+    def _chunk_path(self) -> str:
+        return self.spool_path + ".chunk"
+
+    def _next_chunk(self) -> tuple[str, int, int]:
+        """(file to read_json, rows, bytes) for the next landing: the spool itself, or a copy of its head.
+
+        Usually the whole spool is one chunk. A backlog larger than LAND_BYTES lands in pieces: the next piece
+        (whole lines) is copied to '<spool>.chunk' (no fsync: the spool keeps the durable copy), and reused
+        while the ledger stays locked.
+        """
+        limit = max(self.LAND_BYTES >> self._halvings, 1)
+        size = os.fstat(self._spool_fd).st_size
+        if self._spool_off == 0 and size <= limit:
+            return self.spool_path, self._spool_rows, size
+        if self._chunk_at is not None and self._chunk_at[0] == self._spool_off and self._chunk_at[1] <= limit:
+            return self._chunk_path(), self._chunk_at[2], self._chunk_at[1]
+        with open(self.spool_path, "rb") as f:
+            f.seek(self._spool_off)
+            data = f.read(limit)
+            while data and b"\n" not in data:  # one line longer than the limit
+                more = f.read(limit)
+                if not more:
+                    break
+                data += more
+        end = data.rfind(b"\n") + 1  # whole lines only
+        rows = data.count(b"\n", 0, end)
+        fd = os.open(self._chunk_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)[:end]
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self._chunk_at = (self._spool_off, end, rows)
+        return self._chunk_path(), rows, end
 
     # --- database ---------------------------------------------------------------------------------------------
 
-    def _attach(self, read_only: bool) -> bool:
-        """Attach the ledger file; False (with backoff and a throttled warning) if another process holds it."""
+    def _attach(self, read_only: bool, use: bool = True) -> bool:
+        """Attach the ledger file; False (with backoff and a throttled warning) if another process holds it.
+
+        `use` makes it the default catalog, for statements that name its tables unqualified (schema, keys,
+        gateway queries). A landing does without: one statement fewer on each side of the insert.
+        """
         assert self._mem is not None
         created = not read_only and not os.path.exists(self.path)
         opts = " (READ_ONLY)" if read_only else ""
         try:
-            # (DETACH first in case an earlier round failed half-way and left it attached.)
-            self._mem.execute(f"USE memory; DETACH DATABASE IF EXISTS {_ALIAS}")
+            if self._attached:  # an earlier round failed half-way and may have left it attached
+                self._mem.execute(f"USE memory; DETACH DATABASE IF EXISTS {_ALIAS}")
+                self._using = False
+            self._attached = True
             self._mem.execute(f"ATTACH {_sql_str(self.path)} AS {_ALIAS}{opts}")
         except duckdb.Error as exc:
             if not is_lock_error(exc):
                 raise
+            self._attached = False
             self._note_lock(exc)
             return False
         if created:
             _chmod_private(self.path)
-        self._mem.execute(f"USE {_ALIAS}")
+        if use:
+            self._mem.execute(f"USE {_ALIAS}")
+            self._using = True
         return True
 
     def _detach(self) -> None:
+        """Detach (which checkpoints: readers that open the file next see every landed row)."""
         assert self._mem is not None
         try:
-            self._mem.execute(f"USE memory; DETACH {_ALIAS}")
+            self._mem.execute(f"USE memory; DETACH {_ALIAS}" if self._using else f"DETACH {_ALIAS}")
+            self._attached = self._using = False
         finally:
             self._file_seen = _file_sig(self.path)
 
@@ -839,7 +1101,6 @@ class Ledger:
         now = time.monotonic()
         self.stats["lock_waits"] += 1
         self._healthy = True  # merely busy
-        self._lock_streak = True
         self._fails += 1
         self._retry_at = now + min(self.flush_interval * 2 ** min(self._fails, 8), self.MAX_BACKOFF)
         if self._locked_since is None:
@@ -847,35 +1108,43 @@ class Ledger:
         if now - self._last_lock_warn >= self.LOCK_WARN_INTERVAL and now - self._locked_since >= 1.0:
             self._last_lock_warn = now
             log.warning("ledger %s is held by %s; %d row(s) wait in %s", self.path, lock_holder(exc),
-                        self._spool_rows + len(self._carry), self.spool_path)
+                        self._spool_rows + self._carry_rows, self.spool_path)
 
     def _land(self) -> str:
-        """Insert the whole spool (if any) and check the keys, in one short attach. 'ok'|'locked'|'error'."""
+        """Insert the next spool chunk (if any) and check the keys, in one short attach. 'ok'|'locked'|'error'.
+
+        Three statements hold the file: ATTACH, the INSERT (which parses the chunk: a separate parse into a
+        temp table first cost more CPU than it saved lock time), and DETACH (a checkpoint).
+        """
         assert self._mem is not None
-        rows = self._spool_rows
+        rows = 0
         try:
-            if rows:
-                # After a lock conflict, probe before parsing: re-reading a spool that grew during an hour-long
-                # reader session on every retry would burn CPU for nothing.
-                if self._lock_streak and not self._probe():
-                    return "locked"
-                if rows != self._parsed_rows:
-                    rows = self._parse_spool()
-                    self._parsed_rows = rows
+            if self._spool_rows:
+                path, rows, nbytes = self._next_chunk()
+                if not rows:  # cannot happen (the count follows every write); never spin on it
+                    log.error("spool %s holds no complete line where %d row(s) were counted", self.spool_path,
+                              self._spool_rows)
+                    self._count_landed(self._spool_rows)  # whatever they were, they are not there to land
+                    self._spool_rows = 0
+                    self._truncate_spool()
             t0 = time.perf_counter()
             # Keys are re-read only when another process changed the file since our own last write
             # (`tollgate keys create|revoke`), or now and then as a safety net against coarse mtimes.
-            keys_changed = (_file_sig(self.path) != self._file_seen
-                            or time.monotonic() - self._keys_at >= self.KEYS_SAFETY_INTERVAL)
-            if not self._attach(read_only=False):
+            keys_changed = self._on_keys is not None and (
+                _file_sig(self.path) != self._file_seen
+                or time.monotonic() - self._keys_at >= self.KEYS_SAFETY_INTERVAL)
+            if not self._attach(read_only=False, use=keys_changed or not self._schema_ok):
                 return "locked"
             try:
                 if not self._schema_ok:
                     ensure_schema(self._mem)
                     self._schema_ok = True
                 if rows:
-                    oldest = self._mem.execute("SELECT min(ts) FROM temp.tg_spool").fetchone()[0]
-                    self._mem.execute(_INSERT, [oldest])
+                    dedup = not self._ids_exact
+                    try:
+                        self._mem.execute(_INSERT_DEDUP if dedup else _INSERT, [path])
+                    except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
+                        raise _SpoolRefused(exc) from exc
                 if keys_changed:
                     self._check_keys()
             finally:
@@ -884,39 +1153,41 @@ class Ledger:
         except Exception as exc:
             self._healthy = False
             self._schema_ok = False  # e.g. the file was replaced; re-check on the next round
-            self._parsed_rows = -1
             self._fails += 1
             now = time.monotonic()
             self._retry_at = now + min(self.flush_interval * 2 ** min(self._fails, 8), self.MAX_BACKOFF)
-            if now - self._last_error_log >= self.LOCK_WARN_INTERVAL:
+            if isinstance(exc, _SpoolRefused) and not self._repaired:
+                self._repair_spool(exc)
+                self._retry_at = now  # the repaired spool is worth a try right away
+            elif isinstance(exc, duckdb.OutOfMemoryException) and rows > 1 and self._halvings < 16:
+                self._halvings += 1  # rows far larger than usual: smaller chunks, at once
+                self._retry_at = now
+                log.warning("ledger: a chunk of %d rows did not fit DuckDB's memory; trying smaller ones", rows)
+            elif now - self._last_error_log >= self.LOCK_WARN_INTERVAL:
                 self._last_error_log = now
-                log.error("ledger write to %s failed: %s; %d row(s) stay in %s", self.path, exc, rows,
-                          self.spool_path)
+                log.error("ledger write to %s failed: %s; %d row(s) stay in %s", self.path, exc,
+                          self._spool_rows, self.spool_path)
             return "error"
         if rows:
-            self._parsed_rows = -1
-            self._mem.execute("DROP TABLE IF EXISTS temp.tg_spool")
-            self._truncate_spool()
+            self._spool_rows -= rows
+            self._spool_off += nbytes
+            if self._spool_rows:
+                self._wake.set()  # a backlog: the next chunk at once
+            else:
+                self._truncate_spool()
+                self._halvings = 0
+            self._repaired = False
             self.stats["batches"] += 1
             self.stats["rows"] += rows
         if self._locked_since is not None and rows:
             log.info("ledger %s free again after %.1fs; %d row(s) landed", self.path,
                      time.monotonic() - self._locked_since, rows)
         self._locked_since = None
-        self._lock_streak = False
         self._healthy = True
         self._fails = 0
         self._retry_at = 0.0
-        self._spool_rows -= rows
         self._count_landed(rows)
         return "ok"
-
-    def _probe(self) -> bool:
-        """Is the file free right now? (An attach + detach without writing: a millisecond or two.)"""
-        if not self._attach(read_only=False):
-            return False
-        self._detach()
-        return True
 
     def _count_landed(self, n: int) -> None:
         """Rows that left the queue for good (inserted, or dropped as unreadable): earlier runs' first."""
@@ -926,27 +1197,31 @@ class Ledger:
             self._landed += n - replayed
             self._landed_cond.notify_all()
 
-    def _parse_spool(self) -> int:
-        """Read the spool into an in-memory table *before* taking the file lock, to keep the lock short.
-
-        Returns the number of spool rows it holds.
-        """
-        assert self._mem is not None
+    def _repair_spool(self, exc: BaseException) -> None:
+        """DuckDB refused a chunk (should not happen: rows are coerced). Rewrite the unlanded spool from its
+        valid lines, each re-coerced by the slow path, once; if even that is refused, the error stays."""
+        log.error("spool %s refused by DuckDB (%s); rewriting it from its valid lines", self.spool_path, exc)
+        with open(self.spool_path, "rb") as f:
+            f.seek(self._spool_off)
+            lines, bad = _valid_lines(f.read())
+        tmp = self.spool_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            self._mem.execute(_READ_SPOOL, [self.spool_path])
-            return self._spool_rows
-        except duckdb.Error as exc:  # should not happen (rows are coerced); repair once, then let it fail
-            log.error("spool %s unreadable (%s); rewriting it from its valid lines", self.spool_path, exc)
-            with open(self.spool_path, "rb") as f:
-                lines, bad = _valid_lines(f.read())
-            os.ftruncate(self._spool_fd, 0)
             if lines:
-                os.write(self._spool_fd, b"\n".join(lines) + b"\n")
-            os.fsync(self._spool_fd)
-            self._count_landed(self._spool_rows - len(lines))  # dropped: unreadable lines are lost anyway
-            self._spool_rows = len(lines)
-            self._mem.execute(_READ_SPOOL, [self.spool_path])
-            return self._spool_rows
+                os.write(fd, b"\n".join(lines) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.spool_path)  # atomic: a crash leaves the old spool or the new one
+        os.close(self._spool_fd)
+        self._spool_fd = os.open(self.spool_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._count_landed(self._spool_rows - len(lines))  # dropped: unreadable lines are lost anyway
+        self._spool_rows = len(lines)
+        self._spool_off = 0
+        self._chunk_at = None
+        self._ids.clear()
+        self._ids_exact = False
+        self._repaired = True
 
     def _check_keys(self) -> None:
         """In an attached session: reload the keys if their fingerprint changed, and tell the gateway."""
@@ -992,6 +1267,8 @@ class Ledger:
         for name in ("_spool_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd >= 0:
+                if name == "_lock_fd":  # still ours until the flock goes
+                    _unlink(self._chunk_path())
                 os.close(fd)  # closing the lock fd releases the flock
                 setattr(self, name, -1)
 

@@ -20,6 +20,7 @@ import pytest
 from tollgate import keys as vkeys
 from tollgate.ledger import (
     COLUMNS,
+    REQUEST_SCHEMA,
     SCHEMA_VERSION,
     Ledger,
     LedgerError,
@@ -222,6 +223,9 @@ def test_views_sum_rows(ledger, db):
         ("input_tokens", "12", 12),
         ("input_tokens", "many", None),
         ("input_tokens", float("inf"), None),
+        ("input_tokens", 2**63, None),  # beyond BIGINT: DuckDB would refuse the whole spool over it
+        ("input_tokens", -(2**63), -(2**63)),
+        ("status_code", 2**31, None),  # beyond INTEGER
         ("stream", True, True),
         ("stream", 1, True),
         ("stream", "false", False),
@@ -229,6 +233,7 @@ def test_views_sum_rows(ledger, db):
         ("latency_ms", 5, 5),
         ("latency_ms", "1.5", 1.5),
         ("latency_ms", float("nan"), None),
+        ("latency_ms", 10**400, None),
         ("status_code", 429, 429),
         ("metadata", {"a": "b"}, {"a": "b"}),
         ("metadata", '{"a": "b"}', {"a": "b"}),
@@ -643,15 +648,261 @@ def test_row_to_json_never_writes_invalid_json():
         assert json.loads(line, parse_constant=lambda c: pytest.fail(c))["metadata"] == expected
 
 
-def test_a_long_lock_does_not_reparse_the_spool_every_retry(ledger, db, monkeypatch):
-    parses: list[int] = []
-    original = ledger._parse_spool
-    monkeypatch.setattr(ledger, "_parse_spool", lambda: parses.append(1) or original())
+def test_a_long_lock_costs_no_work_per_retry(ledger, db, monkeypatch):
+    """While another process holds the file, retries neither parse nor re-copy the waiting backlog."""
+    monkeypatch.setattr(ledger, "LAND_BYTES", 4000)  # ~7 rows a chunk: the backlog needs a copy of its head
+    copies: list[tuple] = []
+    original = ledger._next_chunk
+
+    def spy():
+        before = ledger._chunk_at
+        got = original()
+        if ledger._chunk_at != before:
+            copies.append(ledger._chunk_at)
+        return got
+
+    monkeypatch.setattr(ledger, "_next_chunk", spy)
+    inserts: list[str] = []
     with held(db, "ro"):
+        mem = ledger._mem
+        monkeypatch.setattr(ledger, "_mem", _Spy(mem, lambda sql: sql.startswith("INSERT") and inserts.append(sql)))
         for i in range(15):
             ledger.record(make_row(i))
             time.sleep(0.06)
-        time.sleep(0.5)
-        assert len(parses) <= 1  # at most the attempt that discovered the lock
+        assert wait_until(lambda: ledger.stats["lock_waits"] >= 4, timeout=5)
+        assert len(copies) <= 1  # the head of the backlog, once
+        assert not inserts
+    monkeypatch.setattr(ledger, "_mem", mem)
     assert ledger.flush(10)
     assert count(db) == (15, 15)
+
+
+class _Spy:
+    """A DuckDB connection stand-in that reports each statement, then runs it."""
+
+    def __init__(self, con, seen):
+        self._con, self._seen = con, seen
+
+    def execute(self, sql, *args):
+        self._seen(sql)
+        return self._con.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+def test_a_backlog_larger_than_a_chunk_lands_in_pieces(db, monkeypatch):
+    """A backlog bigger than what DuckDB's memory cap lets one landing parse goes in chunks, none lost."""
+    monkeypatch.setattr(Ledger, "LAND_BYTES", 20_000)  # ~35 rows a chunk
+    led = Ledger(db, flush_interval=0.02)
+    led.start()
+    try:
+        with held(db, "ro"):
+            for i in range(500):
+                led.record(make_row(i))
+            assert not led.flush(timeout=0.3)
+        assert led.flush(30)
+        assert count(db) == (500, 500)
+        assert led.stats["batches"] >= 500 // 40
+        assert os.path.getsize(led.spool_path) == 0
+        assert not os.path.exists(led.spool_path + ".chunk")
+    finally:
+        led.stop()
+
+
+def test_a_crash_after_some_chunks_replays_without_duplicates(db, monkeypatch):
+    """Chunks landed, the spool not yet truncated (it is, only once all of it is in): the replay adds none twice."""
+    monkeypatch.setattr(Ledger, "LAND_BYTES", 20_000)
+    rows = [make_row(i) for i in range(200)]
+    led = Ledger(db, flush_interval=0.02)
+    led.start()
+    led.stop()
+    with open(db + ".spool", "w") as f:
+        for r in rows:
+            f.write(row_to_json(r) + "\n")
+    con = connect(db)
+    con.execute(f"INSERT INTO requests SELECT * FROM read_json('{db}.spool', format='newline_delimited',"
+                " columns={" + ", ".join(f"'{n}': '{t}'" for n, t in REQUEST_SCHEMA) + "}) LIMIT 120")
+    con.close()
+    again = Ledger(db, flush_interval=0.02)
+    again.start()
+    try:
+        assert again.flush(20)
+    finally:
+        again.stop()
+    assert count(db) == (200, 200)
+
+
+def test_a_repeated_request_id_lands_once_across_spool_rounds_and_landings(db):
+    led = Ledger(db, flush_interval=0.02, land_interval=0.5)
+    led.start()
+    try:
+        row = make_row()
+        led.record(row)
+        time.sleep(0.1)  # spooled, not landed yet
+        led.record(dict(row))
+        assert led.flush()
+        led.record(dict(row))  # after it landed: the insert's anti-join
+        assert led.flush()
+        assert led.pending == 0
+    finally:
+        led.stop()
+    assert count(db) == (1, 1)
+
+
+def test_chunks_shrink_when_duckdb_runs_out_of_memory(ledger, db, monkeypatch, caplog):
+    """Rows far larger than usual: a chunk DuckDB cannot hold is split until it fits, none lost."""
+    mem = ledger._mem
+
+    def seen(sql):
+        if sql.startswith("INSERT") and ledger._next_chunk()[2] > 3000:
+            raise duckdb.OutOfMemoryException("Out of Memory Error: could not allocate block (test)")
+
+    with held(db, "ro"):  # let a backlog build up first
+        for i in range(40):
+            ledger.record(make_row(i))
+        assert not ledger.flush(0.3)
+    monkeypatch.setattr(ledger, "_mem", _Spy(mem, seen))
+    with caplog.at_level(logging.WARNING, "tollgate.ledger"):
+        assert ledger.flush(20)
+    assert count(db) == (40, 40)
+    assert "trying smaller ones" in caplog.text
+    assert ledger._halvings == 0  # back to full chunks once the backlog is in
+
+
+def test_past_the_tracked_ids_duplicates_are_dropped_in_sql(db, monkeypatch):
+    monkeypatch.setattr(Ledger, "TRACK_IDS", 10)
+    led = Ledger(db, flush_interval=10)  # asleep until flush(): one batch
+    led.start()
+    statements: list[str] = []
+    monkeypatch.setattr(led, "_mem", _Spy(led._mem, statements.append))
+    try:
+        rows = [make_row(i) for i in range(100)]  # the set gives up after the batch's first slice
+        for r in rows + [dict(rows[0]), dict(rows[99])]:
+            led.record(r)
+        assert led.flush()
+        assert led.pending == 0
+        assert any("QUALIFY" in sql for sql in statements)
+    finally:
+        led.stop()
+    assert count(db) == (100, 100)
+
+
+def test_a_value_out_of_range_is_null_and_blocks_nothing(ledger, db):
+    ledger.record(make_row(1, input_tokens=2**70, status_code=2**40, latency_ms=10**400))
+    ledger.record(make_row(2))
+    assert ledger.flush()
+    assert count(db, "SELECT count(*), count(input_tokens), count(status_code), count(latency_ms) FROM requests") \
+        == (2, 1, 1, 1)
+
+
+def test_a_spool_duckdb_refuses_is_repaired_by_the_slow_path(ledger, db, monkeypatch, caplog):
+    """The safety net under the fast path: if a line it wrote were refused, the slow path rewrites the spool."""
+    import tollgate.ledger as ledger_module
+
+    real = ledger_module._fast_line
+
+    def wrong(row):  # a fast path with a bug: a str where a BIGINT belongs
+        got = real(row)
+        return got and (got[0].replace(b'"input_tokens":100', b'"input_tokens":"many"'), got[1])
+
+    monkeypatch.setattr(ledger_module, "_fast_line", wrong)
+    with caplog.at_level(logging.ERROR, "tollgate.ledger"):
+        ledger.record(make_row(0))
+        ledger.record(make_row(1))
+        assert ledger.flush(10)
+    assert "rewriting it" in caplog.text
+    # Both rows land; the value the faulty line held ("many") becomes NULL, as the slow path stores it.
+    assert count(db, "SELECT count(*), count(input_tokens) FROM requests") == (2, 1)
+    assert ledger.healthy()
+
+
+def test_float_epoch_ts_lands_as_that_instant(ledger, db):
+    ledger.record(make_row(ts=1_750_000_000.25))
+    assert ledger.flush()
+    con = connect(db, read_only=True)
+    (ts,) = con.execute("SELECT ts FROM requests").fetchone()
+    con.close()
+    assert ts == datetime.fromtimestamp(1_750_000_000.25, UTC)
+
+
+def test_writer_cpu_is_counted(ledger):
+    for i in range(200):
+        ledger.record(make_row(i))
+    assert ledger.flush()
+    assert ledger.stats["cpu_seconds"] > 0
+
+
+# --- fast path ------------------------------------------------------------------------------------------------
+
+
+def _as_stored(line: str) -> dict:
+    out = json.loads(line)
+    out["ts"] = datetime.fromisoformat(out["ts"])
+    return out
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"ts": 1_750_000_000.5},
+        {"ts": datetime(2025, 6, 1, tzinfo=UTC)},
+        {"cost_usd": Decimal("1E-7")},
+        {"cost_usd": Decimal("-0.5")},
+        {"cost_usd": None, "tier": None, "metadata": None, "latency_ms": None, "stream": None},
+        {"metadata": {}},
+        {"metadata": {"a": 1, "b": 1.5, "c": True, "d": None, "e": "ü"}},
+        {"input_tokens": 2**63 - 1, "status_code": -(2**31)},
+        {"model": "quote \" backslash \\ newline \n tab \t \x00 \u2028"},
+    ],
+)
+def test_fast_path_writes_what_the_slow_path_writes(kw):
+    from tollgate.ledger import _coerced_line, _fast_line
+
+    row = make_row(3, **kw)
+    fast = _fast_line(row)
+    assert fast is not None, kw
+    slow = _coerced_line(row)
+    assert fast[1] == slow[1] == row["request_id"]
+    assert _as_stored(fast[0].decode()) == _as_stored(slow[0].decode())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"ts": datetime(2025, 1, 1)},  # naive
+        {"ts": datetime(2025, 1, 1, tzinfo=timezone(timedelta(hours=2)))},
+        {"ts": "2025-01-01T00:00:00Z"},
+        {"ts": float("nan")},
+        {"ts": None},
+        {"request_id": None},
+        {"input_tokens": 2**63},
+        {"input_tokens": True},
+        {"status_code": 2**31},
+        {"latency_ms": float("inf")},
+        {"latency_ms": 5},
+        {"cost_usd": Decimal("1e9")},
+        {"cost_usd": Decimal("NaN")},
+        {"cost_usd": 0.1},
+        {"metadata": {"nested": {"a": 1}}},
+        {"metadata": {1: "int key"}},
+        {"metadata": '{"a": 1}'},
+        {"model": "lone \ud800 surrogate"},
+        {"extra_column": 1},
+    ],
+)
+def test_fast_path_leaves_the_rest_to_the_slow_path(kw):
+    from tollgate.ledger import _fast_line
+
+    assert _fast_line(make_row(3, **kw)) is None
+    assert json.loads(row_to_json(make_row(3, **kw)))  # which still writes a valid line
+
+
+def test_rows_in_another_key_order_take_the_slow_path_and_land_the_same():
+    from tollgate.ledger import _fast_line
+
+    row = make_row(1)
+    shuffled = dict(reversed(list(row.items())))
+    assert _fast_line(shuffled) is None
+    assert _as_stored(row_to_json(shuffled)) == _as_stored(row_to_json(row))
