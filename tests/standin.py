@@ -48,6 +48,8 @@ Behaviour knobs, read from the model name (the app's request is all the stand-in
   -error-NNN that HTTP status in the native error format             -hang     never answers
   -die       stream cut after 2 events (chunked body never finished, no usage); non-stream: half a body
   -gzip      answer gzip-encoded, SSE included (flushed per event, so pacing survives)
+  -length    a stream sent whole with a Content-Length instead of chunked (as caches and some compatible
+             servers do; combines with -gzip, not with pacing)
   cached / o1… / …thinking…  usage as above.
   Broken answers (status 200; for the gateway's "never crash, estimate what is missing" paths):
   -notjson   a JSON answer's body is not JSON (an HTML page); a streamed answer's event data is cut to
@@ -153,6 +155,7 @@ class Knobs:
     bad_usage: bool = False
     bad_out: bool = False
     truncate: bool = False
+    length: bool = False
 
 
 _PACE, _DELAY, _ERROR = re.compile(r"-paced-(\d+)"), re.compile(r"-delay-(\d+)"), re.compile(r"-error-(\d{3})")
@@ -171,7 +174,8 @@ def knobs(model: str) -> Knobs:
                  gzip=bool(re.search(r"-gzip\b", model)), cached="cached" in model,
                  reasoning=bool(_REASONING.search(model)), not_json=bool(re.search(r"-notjson\b", model)),
                  no_usage=bool(re.search(r"-nousage\b", model)), bad_usage=bool(re.search(r"-badusage\b", model)),
-                 bad_out=bool(re.search(r"-badout\b", model)), truncate=bool(re.search(r"-truncate\b", model)))
+                 bad_out=bool(re.search(r"-badout\b", model)), truncate=bool(re.search(r"-truncate\b", model)),
+                 length=bool(re.search(r"-length\b", model)))
 
 
 def _count(value: Any) -> int:
@@ -1028,6 +1032,9 @@ class Standin:
 
     async def _stream(self, writer: asyncio.StreamWriter, ans: Answer, extra: dict[str, str], k: Knobs) -> bool:
         """Write each frame as its own chunk and flush it, pacing between them; cut short for ``-die``."""
+        if k.length:
+            return await self._send(writer, 200, b"".join(ans.frames or []), extra, gz=k.gzip,
+                                    content_type=ans.content_type)
         headers = {"content-type": ans.content_type, "cache-control": "no-cache", **extra,
                    "transfer-encoding": "chunked"}
         comp = None

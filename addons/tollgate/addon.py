@@ -410,11 +410,9 @@ class Gateway:
                 decode = decoder_for(enc)
             except ValueError:
                 sse = False  # cannot read it: relay untouched, estimate the usage
-            else:
-                hdrs.remove(resp.headers, b"content-encoding", b"content-length")
         ex.tap = StreamTap(prov.StreamUsage(ex.wire, ex.kind), sse=sse, strip_usage=ex.strip_usage, decode=decode)
-        if ex.tap.strip_usage:
-            hdrs.remove(resp.headers, b"content-length")  # the body shrinks; a stale length would hang the app
+        if decode is not None:  # (stripping usage keeps the length: see streamtap)
+            _body_resized(resp, drop_encoding=True, client_http10=flow.request.http_version == "HTTP/1.0")
         resp.stream = ex.tap
 
     async def _response(self, flow: http.HTTPFlow, ex: Exchange) -> None:
@@ -762,6 +760,24 @@ def _write_credential(req: http.Request, cred: prov.Credential, secret: str) -> 
         req.query[cred.name] = value
     else:
         hdrs.set_many(req.headers, {cred.name: value})
+
+
+def _body_resized(resp: http.Response, drop_encoding: bool, client_http10: bool = False) -> None:
+    """The tap will change the body's length (it decodes it): its Content-Length must go.
+
+    An HTTP/1 answer left with neither a length nor chunked framing ends only when the connection closes,
+    so mitmproxy would close the app's connection after every such stream (and the app reconnect, TLS
+    handshake included): it is re-framed as chunked. (Real providers stream chunked already; some
+    compatible servers and caches send a length. HTTP/2 frames need neither, and mitmproxy drops the
+    header when it relays an HTTP/1 answer to an HTTP/2 client. HTTP/1.0 knows no chunking: its answers
+    end at close.)
+    """
+    drop = (b"content-length", b"content-encoding") if drop_encoding else (b"content-length",)
+    had_length = hdrs.get(resp.headers, b"content-length") is not None
+    hdrs.remove(resp.headers, *drop)
+    if had_length and resp.http_version == "HTTP/1.1" and not client_http10 \
+            and hdrs.get(resp.headers, b"transfer-encoding") is None:
+        hdrs.set_many(resp.headers, {"transfer-encoding": "chunked"})
 
 
 def _with_usage_asked(req: http.Request, body: dict, had_key: bool) -> dict[str, str]:

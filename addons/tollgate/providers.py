@@ -586,6 +586,8 @@ def _model_of(body: Any) -> str | None:
 # Streams
 
 _USAGE_OBJ = re.compile(r'"usage"\s*:\s*\{')
+# A chat chunk's first "model" member (top-level: nothing nested in a chunk has one; text is escaped).
+_CHUNK_MODEL = re.compile(r'"model"\s*:\s*"([^"\\]*)"')
 _LEADING_TYPE = re.compile(r'\s*\{\s*"type"\s*:\s*"([^"\\]*)"')
 _TEXT_CAP = 1_000_000  # characters of output text kept for estimating an aborted stream
 _RAW_CAP = 4_000_000  # characters of raw event data kept for the same purpose
@@ -640,7 +642,7 @@ class StreamUsage:
     """
 
     __slots__ = ("protocol", "kind", "model", "error", "_usage", "_complete", "_parts", "_kept",
-                 "_anth", "_finished", "_handler")
+                 "_anth", "_finished", "_handler", "_parsed")
 
     def __init__(self, protocol: str, kind: str) -> None:
         self.protocol = protocol
@@ -653,6 +655,7 @@ class StreamUsage:
         self._kept = 0
         self._anth: dict[str, Any] = {}
         self._finished = False
+        self._parsed: tuple[str, Any] | None = None  # (event data, its JSON) of the last event parsed
         self._handler = {
             "chat": self._feed_chat,
             "completions": self._feed_chat,
@@ -717,14 +720,31 @@ class StreamUsage:
     def _feed_ignore(self, ev: SSEEvent) -> None:
         pass
 
+    def usage_only(self, ev: SSEEvent) -> bool:
+        """is_usage_only_chunk(ev.data), reusing the parse feed() just made of the same event."""
+        parsed = self._parsed
+        if parsed is not None and parsed[0] is ev.data:
+            obj = parsed[1]
+            if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+                return False
+            choices = obj.get("choices")
+            return choices is None or choices == []
+        return is_usage_only_chunk(ev.data)
+
     def _feed_chat(self, ev: SSEEvent) -> None:
         data = ev.data
         if not data or data == "[DONE]":
             return
-        if self.model is not None and not _USAGE_OBJ.search(data) and '"error"' not in data:
-            self._keep(data)  # the common content chunk: no parsing now
-            return
+        if not _USAGE_OBJ.search(data) and '"error"' not in data:
+            if self.model is None:  # the first chunk: its model without parsing it (a plain string only)
+                m = _CHUNK_MODEL.search(data)
+                if m is not None:
+                    self.model = m.group(1) or None
+            if self.model is not None:
+                self._keep(data)  # the common content chunk: no parsing now
+                return
         obj = _loads(data)
+        self._parsed = (data, obj)
         if not isinstance(obj, dict):
             return
         if self.model is None:

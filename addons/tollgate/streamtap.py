@@ -8,7 +8,10 @@ Two cases rewrite bytes, both with the event as the smallest unit so the app nev
 - the answer was content-encoded: it is decoded on the fly and forwarded decoded (the addon drops the
   Content-Encoding header), because an SSE client needs each event now, not at the end of a gzip member;
 - the gateway asked an OpenAI stream for usage the app did not ask for: the extra usage-only chunk and
-  the `"usage": null` fields it adds to every chunk are taken out again.
+  the `"usage": null` fields it adds to every chunk are taken out again — blanked, not cut: the field
+  becomes JSON whitespace and the chunk an SSE comment of the same length (both ignored by every
+  client), so the body keeps its length and its framing. An upstream that sent a Content-Length keeps
+  it, and the app's connection stays reusable without re-framing the answer as chunked.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import re
 import zlib
 from typing import Callable
 
-from .providers import StreamUsage, is_usage_only_chunk
+from .providers import StreamUsage
 from .sse import SSEParser
 
 try:  # Python 3.14 has zstd in the stdlib; mitmproxy depends on the backport before that.
@@ -27,6 +30,22 @@ except ImportError:  # pragma: no cover - depends on the Python version
 import brotli
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+_COMPACT_NULL = b',"usage":null'  # OpenAI's compact JSON
+_COMPACT_BLANK = b" " * len(_COMPACT_NULL)
+
+
+def _blank(m: re.Match[bytes]) -> bytes:
+    return b" " * len(m.group())
+
+
+def blank_event(raw: bytes) -> bytes:
+    """An SSE comment block as long as the event `raw` (same line ends), which clients skip."""
+    for eol in (b"\r\n", b"\n", b"\r"):
+        if raw.endswith(eol + eol):
+            pad = len(raw) - 1 - 2 * len(eol)
+            if pad >= 0:
+                return b":" + b" " * pad + eol + eol
+    return b":" + b" " * (len(raw) - 1) if raw else raw  # the stream's last, unterminated block
 RAW_CAP = 8 * 1024 * 1024  # non-SSE streams (Gemini's JSON array) are kept up to this for the final parse
 
 
@@ -107,11 +126,9 @@ class StreamTap:
             feed(ev)
             raw = ev.raw
             if b'"usage"' in raw:  # every chunk, once usage was asked for: keep this path cheap
-                if is_usage_only_chunk(ev.data):
-                    continue
-                raw = raw.replace(b',"usage":null', b"")  # OpenAI's compact JSON
+                raw = raw.replace(_COMPACT_NULL, _COMPACT_BLANK)  # (same length: blank_event still fits)
                 if b'"usage"' in raw:
-                    raw = _USAGE_NULL.sub(b"", raw)  # other spacing
+                    raw = blank_event(raw) if self.usage.usage_only(ev) else _USAGE_NULL.sub(_blank, raw)
             out.append(raw)
         data = b"".join(out)
         self.bytes_out += len(data)

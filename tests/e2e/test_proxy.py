@@ -5,7 +5,9 @@ an auditor reads with DuckDB from this process while the gateway runs.
 """
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 import subprocess
 import time
 
@@ -224,6 +226,39 @@ def test_gzip_stream_is_decoded_and_metered(gateway, standin, alice, app_env):
     assert "".join(c.choices[0].delta.content or "" for c in chunks)
     row = row_for(gateway, n)
     assert_usage(row, expected_usage("openai.chat", {"model": "gpt-4o-mini-gzip", "messages": [{}]}))
+
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini-length", "gpt-4o-mini-length-gzip"])
+def test_stream_sent_with_a_length_keeps_the_app_connection(gateway, standin, alice, model):
+    """An upstream that sends a stream whole with Content-Length (caches, some compatible servers). Blanking
+    the usage the gateway asked for keeps the length, so the Content-Length stays; decoding gzip changes
+    it, so that answer is re-framed as chunked instead of ending at connection close. Either way the
+    app's kept-alive connection serves the next request."""
+    ctx = ssl.create_default_context(cafile=str(gateway.confdir / "mitmproxy-ca-cert.pem"))
+    conn = http.client.HTTPSConnection("127.0.0.1", gateway.port, context=ctx, timeout=30)
+    conn.set_tunnel("api.openai.com", 443)
+    body = json.dumps({"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    n = time.time()
+    socks = []
+    for _ in range(2):
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Authorization": f"Bearer {alice['key']}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        socks.append(conn.sock)
+        assert resp.status == 200
+        if "gzip" in model:
+            assert resp.getheader("transfer-encoding") == "chunked" and resp.getheader("content-length") is None
+        else:
+            assert resp.getheader("content-length") == str(len(data)) and resp.getheader("transfer-encoding") is None
+        assert resp.getheader("content-encoding") is None  # decoded for the app
+        assert not resp.will_close
+        assert b"data: [DONE]" in data and b'"usage"' not in data  # the usage the gateway asked for is gone
+    assert socks[0] is socks[1] and socks[0] is not None
+    conn.close()
+    rows = gateway.rows(wait_for=2, since=n)
+    assert [r["token_source"] for r in rows] == ["provider", "provider"]
 
 
 # --- keys --------------------------------------------------------------------------------------------

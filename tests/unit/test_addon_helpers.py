@@ -7,7 +7,7 @@ import json
 import pytest
 from mitmproxy.test import tutils
 
-from tollgate.addon import _forward, _with_usage_asked
+from tollgate.addon import _body_resized, _forward, _with_usage_asked
 from tollgate.providers import Credential
 
 
@@ -72,3 +72,28 @@ def test_forward_puts_a_query_credential_back_in_the_query():
     _forward(r, Credential("k", "query", "key"), "AIza-real", None)
     assert r.query["key"] == "AIza-real"
     assert "authorization" not in r.headers
+
+
+@pytest.mark.parametrize("version, headers, drop_encoding, want", [
+    ("HTTP/1.1", {"content-length": "900"}, False, {"transfer-encoding": "chunked"}),
+    ("HTTP/1.1", {"content-length": "900", "content-encoding": "gzip"}, True, {"transfer-encoding": "chunked"}),
+    ("HTTP/1.1", {"transfer-encoding": "chunked"}, False, {"transfer-encoding": "chunked"}),  # already framed
+    ("HTTP/1.1", {"content-encoding": "gzip", "transfer-encoding": "chunked"}, True, {"transfer-encoding": "chunked"}),
+    ("HTTP/2.0", {"content-length": "900"}, False, {}),  # frames delimit the body
+    ("HTTP/1.0", {"content-length": "900"}, False, {}),  # no chunking in HTTP/1.0: it ends at close
+])
+def test_body_resized_keeps_http1_answers_framed(version, headers, drop_encoding, want):
+    resp = tutils.tresp(http_version=version.encode())
+    resp.headers.clear()
+    resp.headers["content-type"] = "text/event-stream"
+    for k, v in headers.items():
+        resp.headers[k] = v
+    _body_resized(resp, drop_encoding)
+    assert dict(resp.headers) == {"content-type": "text/event-stream", **want}
+
+
+def test_body_resized_never_chunks_for_an_http10_client():
+    resp = tutils.tresp()
+    resp.headers["content-length"] = "900"
+    _body_resized(resp, False, client_http10=True)
+    assert "transfer-encoding" not in resp.headers and "content-length" not in resp.headers

@@ -1055,3 +1055,14 @@ def test_metering_fields_never_contradicts_a_whole_parse(doc):
         assert isinstance(doc, dict)
         assert fields["usage"] == doc["usage"]
         assert fields.get("model", fields.get("modelVersion")) == doc.get("model", doc.get("modelVersion"))
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini-2024-07-18", "m\u00e9", 'we"ird', "a\\b", ""])
+def test_chat_stream_model_read_without_parsing_matches_a_parse(model):
+    su = StreamUsage("openai", "chat")
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": model,
+             "choices": [{"index": 0, "delta": {"content": '"model": "not-this"'}}], "usage": None}
+    parser = SSEParser()
+    for ev in parser.feed(b"data: " + json.dumps(chunk).encode() + b"\n\n"):
+        su.feed(ev)
+    assert su.model == (model or None)

@@ -32,12 +32,45 @@ def run(tap, data: bytes, size: int):
     return b"".join(out)
 
 
+def sse_data(body: bytes) -> list:
+    """What an SSE client reads: the data of each dispatched event (comments skipped), JSON parsed."""
+    out = []
+    for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        data = [ln[5:].lstrip(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
+        if data:
+            text = b"\n".join(data)
+            out.append(text if text == b"[DONE]" else json.loads(text))
+    return out
+
+
 @pytest.mark.parametrize("size", [1, 3, 7, 64, 10_000])
 def test_stripped_stream_is_what_the_app_asked_for(size):
     tap = StreamTap(StreamUsage("openai", "chat"), sse=True, strip_usage=True)
-    out = run(tap, chat_stream(include_usage=True), size)
-    assert out == chat_stream(include_usage=False)
+    sent = chat_stream(include_usage=True)
+    out = run(tap, sent, size)
+    assert sse_data(out) == sse_data(chat_stream(include_usage=False))
+    assert len(out) == len(sent)  # blanked, not cut: a Content-Length stays true
+    assert b'"usage"' not in out
     assert (tap.usage.usage.input_tokens, tap.usage.usage.output_tokens) == (11, 2)
+
+
+@pytest.mark.parametrize("raw", [b'data: {"usage":{}}\n\n', b'data: {"usage":{}}\r\n\r\n', b'data: {}\r\r',
+                                 b'data: {"x":1}', b":\n\n", b""])
+def test_blank_event_is_a_comment_of_the_same_length(raw):
+    from tollgate.streamtap import blank_event
+    from tollgate.sse import SSEParser
+    b = blank_event(raw)
+    assert len(b) == len(raw)
+    p = SSEParser()
+    assert p.feed(b) + p.flush() == []  # nothing an SSE client would dispatch
+
+
+def test_spaced_usage_null_is_blanked_too():
+    tap = StreamTap(StreamUsage("openai", "chat"), sse=True, strip_usage=True)
+    sent = b'data: {"id": "x", "choices": [], "usage" : null}\n\ndata: [DONE]\n\n'
+    out = run(tap, sent, 5)
+    assert len(out) == len(sent) and b"usage" not in out
+    assert sse_data(out) == [{"id": "x", "choices": []}, b"[DONE]"]
 
 
 @pytest.mark.parametrize("size", [1, 5, 100])
