@@ -735,7 +735,9 @@ class StreamUsage:
         data = ev.data
         if not data or data == "[DONE]":
             return
-        if not _USAGE_OBJ.search(data) and '"error"' not in data:
+        # A content chunk: OpenAI's compact '...,"usage":null}' ending (the usage the gateway asked for)
+        # tells it without the regex; either way no usage object and no error in it.
+        if (data.endswith(',"usage":null}') or not _USAGE_OBJ.search(data)) and '"error"' not in data:
             if self.model is None:  # the first chunk: its model without parsing it (a plain string only)
                 m = _CHUNK_MODEL.search(data)
                 if m is not None:

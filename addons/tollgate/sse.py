@@ -208,10 +208,11 @@ def _simple_blocks(chunk: bytes) -> tuple[list[SSEEvent], int]:
     Only called between blocks (no partial state) on chunks without CR."""
     out: list[SSEEvent] = []
     pos = 0
-    find, startswith = chunk.find, chunk.startswith
-    while True:
-        end = find(b"\n\n", pos)
-        if end == -1 or not startswith(b"data: ", pos) or find(b"\n", pos, end) != -1:
-            return out, pos
-        out.append(SSEEvent(None, chunk[pos + 6:end].decode("utf-8", "replace"), chunk[pos:end + 2]))
-        pos = end + 2
+    blocks = chunk.split(b"\n\n")
+    blocks.pop()  # what follows the last blank line: not a complete block
+    for block in blocks:
+        if block[:6] != b"data: " or b"\n" in block:
+            break
+        out.append(SSEEvent(None, block[6:].decode("utf-8", "replace"), block + b"\n\n"))
+        pos += len(block) + 2
+    return out, pos

@@ -121,15 +121,24 @@ class StreamTap:
                 feed(ev)
             self.bytes_out += len(chunk)
             return chunk
-        out = []
         for ev in events:
             feed(ev)
-            raw = ev.raw
-            if b'"usage"' in raw:  # every chunk, once usage was asked for: keep this path cheap
-                raw = raw.replace(_COMPACT_NULL, _COMPACT_BLANK)  # (same length: blank_event still fits)
-                if b'"usage"' in raw:
-                    raw = blank_event(raw) if self.usage.usage_only(ev) else _USAGE_NULL.sub(_blank, raw)
-            out.append(raw)
-        data = b"".join(out)
+        # Whole events only, so a field cannot straddle two of them: blank OpenAI's compact
+        # ',"usage":null' in one pass over the lot, and look at single events only if "usage" remains.
+        data = b"".join([ev.raw for ev in events]).replace(_COMPACT_NULL, _COMPACT_BLANK)
+        hit = data.find(b'"usage"')
+        if hit != -1:  # the usage-only chunk, or other spacing: fix the events that hold what remains
+            buf = bytearray(data)
+            off = 0
+            for ev in events:
+                end = off + len(ev.raw)  # (blanking keeps lengths, so event offsets hold in data)
+                if off <= hit < end:
+                    seg = data[off:end]
+                    buf[off:end] = blank_event(seg) if self.usage.usage_only(ev) else _USAGE_NULL.sub(_blank, seg)
+                    hit = data.find(b'"usage"', end)
+                    if hit == -1:
+                        break
+                off = end
+            data = bytes(buf)
         self.bytes_out += len(data)
         return data
