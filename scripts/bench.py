@@ -15,7 +15,10 @@ What is compared, and why it is fair:
   * tollgate: addons/gateway.py with a full policy (a valid virtual key, rate limits and a budget tier set
     high enough never to refuse, the ledger on); its `base_url` sends the same requests to the same nginx.
   * Rounds alternate (bare, tollgate, then tollgate, bare, ...) for every configuration, so drift on a shared
-    machine hits both; latencies are pooled over rounds, req/s is requests / busy time over all rounds.
+    machine hits both. The targets use the median over rounds of each round's paired figures (tollgate's
+    req/s over bare's, tollgate's p50 minus bare's), which drift disturbs least; the pooled figures (all
+    rounds' latencies, requests / busy time) are shown beside them. Each proxy's CPU time per request
+    (/proc utime + stime) is reported too.
   * nginx answers a fixed chat.completion (with usage) or, for the streamed variant, a fixed SSE body (the
     chunks OpenAI sends with include_usage) — built by tests/standin.py, the e2e tests' stand-in. The paced
     stream for time-to-first-token is tests/standin.py itself (`-paced-N`), behind the same nginx.
