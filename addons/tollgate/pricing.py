@@ -251,11 +251,6 @@ def _model_price(info: gp.ModelInfo) -> gp.ModelPrice:
     return info.get_prices(datetime.now(tz=UTC))  # dated or time-of-day prices: pick the one active now
 
 
-def _genai_cost(prices_id: str | None, model: str, u: Usage) -> Decimal | None:
-    reduced = _reduced_for(prices_id, model)
-    return None if reduced is None else _reduced_cost(reduced, _counts(u))
-
-
 def _reduced_for(prices_id: str | None, model: str) -> _Reduced | None:
     """The model's prices active now, reduced to our usage kinds; None when genai-prices does not know it."""
     resolved = _resolve(prices_id, model)

@@ -25,7 +25,6 @@ __all__ = ["SSEEvent", "SSEParser"]
 
 _BOM = b"\xef\xbb\xbf"
 _LF = 10
-_CR = 13
 
 
 @dataclass(slots=True)
