@@ -18,8 +18,9 @@ three statements, and the de-duplicating window function runs only for chunks th
 Durability: rows are appended to a JSONL *spool* (fsync once per batch) before any attempt on the database.
 While someone else holds the file the rows stay there and land on a later round; after a crash the next
 start replays the spool. A backlog lands in chunks of at most LAND_BYTES (DuckDB's memory is capped), and the
-spool is truncated once all of it is in. Replays cannot duplicate rows: the insert anti-joins on
-``request_id`` within the chunk's time window (see :data:`_DDL` for why that rather than a PRIMARY KEY).
+spool is truncated once all of it is in. Replays cannot duplicate rows: the insert of a chunk that may have
+landed before (replayed, or retried after a failed landing) anti-joins on ``request_id`` within the chunk's
+time window (see :data:`_DDL` for why that rather than a PRIMARY KEY).
 
 The event loop only ever calls :meth:`Ledger.record` (a list append under a lock held for nanoseconds).
 """
@@ -521,26 +522,30 @@ _COLS = ", ".join(COLUMNS)
 _JSON_COLUMNS = "{" + ", ".join(f"'{n}': '{t}'" for n, t in REQUEST_SCHEMA) + "}"
 
 
-def _insert_sql(dedup: bool) -> str:
+def _insert_sql(dedup: bool, anti: bool = True) -> str:
     """One statement that parses a spool chunk (DuckDB's read_json, off the GIL) and inserts its new rows.
 
-    Rows already in the ledger (a crash between commit and spool truncation, or a landing whose outcome was
-    unclear) share request_id *and* ts with their spool copy, so only rows at or after the chunk's oldest ts
-    need checking; DuckDB's zone maps skip the rest (with the bound as a subquery too: measured on 1M rows).
+    `anti`: rows already in the ledger (a crash between commit and spool truncation, or a landing whose
+    outcome was unclear) share request_id *and* ts with their spool copy, so only rows at or after the chunk's
+    oldest ts need checking; DuckDB's zone maps skip the rest (with the bound as a subquery too: measured on
+    1M rows). Zone maps are per row group (122,880 rows), so the check still reads the newest row group's ids:
+    ~2 ms of CPU a landing on a fresh table, ~5-10 ms once that group fills up (measured, 300-row landings).
+    It is therefore only used for chunks that may have been inserted before (see Ledger._fresh).
     `dedup` also keeps one row per request_id within the chunk, for chunks the writer could not vouch for
     (a window function: ~2 ms a landing, so only when needed).
     """
     qualify = " QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY ts) = 1" if dedup else ""
+    src = f"read_json(?, format='newline_delimited', columns={_JSON_COLUMNS})"
+    if not anti:
+        return f"INSERT INTO {_ALIAS}.requests ({_COLS}) SELECT {_COLS} FROM {src}{qualify}"
     return (
-        f"INSERT INTO {_ALIAS}.requests ({_COLS}) WITH s AS MATERIALIZED (SELECT * FROM read_json(?,"
-        f" format='newline_delimited', columns={_JSON_COLUMNS}){qualify})"
+        f"INSERT INTO {_ALIAS}.requests ({_COLS}) WITH s AS MATERIALIZED (SELECT * FROM {src}{qualify})"
         f" SELECT {_COLS} FROM s ANTI JOIN (SELECT request_id FROM {_ALIAS}.requests"
         " WHERE ts >= (SELECT min(ts) FROM s)) r USING (request_id)"
     )
 
 
-_INSERT = _insert_sql(dedup=False)
-_INSERT_DEDUP = _insert_sql(dedup=True)
+_INSERTS = {(d, a): _insert_sql(dedup=d, anti=a) for d in (False, True) for a in (False, True)}  # [dedup, anti]
 _ORPHAN = re.compile(r"\.\d+")  # the '.<pid>' of a fallback spool
 
 
@@ -647,6 +652,12 @@ class Ledger:
         # chunk is known to be free of duplicates and its insert skips the de-duplicating window function.
         self._ids: set[str] = set()
         self._ids_exact = True
+        # Every unlanded spool row was recorded by this run and no landing attempt can have inserted it: then
+        # the insert skips the anti-join on the ledger (see _insert_sql). False after a replay or a failed
+        # landing, until the spool is empty again. A request recorded twice by mistake is still caught while
+        # its first copy is unlanded (_ids) or in the last landing (_landed_ids).
+        self._fresh = True
+        self._landed_ids: set[str] = set()
         self._attached = False  # the file may be attached (set before ATTACH, cleared by a clean DETACH)
         self._using = False  # it is also the default catalog (USE), which DETACH must undo first
         self._repaired = False  # the spool was rewritten after DuckDB refused it, and not landed since
@@ -886,6 +897,7 @@ class Ledger:
         self._spool_rows = len(lines)
         self._spool_off = 0
         self._ids_exact = not lines  # replayed rows are not in _ids: their first landing de-duplicates in SQL
+        self._fresh = not lines  # and may be in the ledger already (a crash between commit and truncation)
         with self._lock:
             self._replay = len(lines)
         if lines:
@@ -983,7 +995,7 @@ class Ledger:
                     dropped += 1
                     continue
                 if ids is not None:
-                    if rid in ids:
+                    if rid in ids or rid in self._landed_ids:
                         dups += 1
                         continue
                     ids.add(rid)
@@ -1018,8 +1030,9 @@ class Ledger:
         if self._chunk_at is not None:
             self._chunk_at = None
             _unlink(self._chunk_path())
+        self._fresh = True  # whatever the spool takes from now on was never offered to the database
         if not self._carry_rows:  # (rows still in _carry are in _ids, or exactness was already lost)
-            self._ids.clear()
+            self._landed_ids, self._ids = self._ids, set()  # kept one more round: see _fresh
             self._ids_exact = True
 
     def _chunk_path(self) -> str:
@@ -1140,9 +1153,8 @@ class Ledger:
                     ensure_schema(self._mem)
                     self._schema_ok = True
                 if rows:
-                    dedup = not self._ids_exact
                     try:
-                        self._mem.execute(_INSERT_DEDUP if dedup else _INSERT, [path])
+                        self._mem.execute(_INSERTS[not self._ids_exact, not self._fresh], [path])
                     except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
                         raise _SpoolRefused(exc) from exc
                 if keys_changed:
@@ -1153,6 +1165,8 @@ class Ledger:
         except Exception as exc:
             self._healthy = False
             self._schema_ok = False  # e.g. the file was replaced; re-check on the next round
+            if rows:
+                self._fresh = False  # the insert may have committed before the failure: check on the retry
             self._fails += 1
             now = time.monotonic()
             self._retry_at = now + min(self.flush_interval * 2 ** min(self._fails, 8), self.MAX_BACKOFF)

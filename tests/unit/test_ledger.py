@@ -906,3 +906,72 @@ def test_rows_in_another_key_order_take_the_slow_path_and_land_the_same():
     shuffled = dict(reversed(list(row.items())))
     assert _fast_line(shuffled) is None
     assert _as_stored(row_to_json(shuffled)) == _as_stored(row_to_json(row))
+
+
+def _spied(led, monkeypatch) -> list[str]:
+    statements: list[str] = []
+    monkeypatch.setattr(led, "_mem", _Spy(led._mem, statements.append))
+    return statements
+
+
+def test_a_fresh_chunk_lands_without_the_anti_join(db, monkeypatch):
+    """Rows this run recorded and never offered to the database skip the check against the ledger."""
+    led = Ledger(db, flush_interval=10)
+    led.start()
+    statements = _spied(led, monkeypatch)
+    try:
+        for i in range(20):
+            led.record(make_row(i))
+        assert led.flush()
+    finally:
+        led.stop()
+    inserts = [s for s in statements if s.startswith("INSERT")]
+    assert inserts and not any("ANTI JOIN" in s for s in inserts)
+    assert count(db) == (20, 20)
+
+
+def test_a_retry_after_a_failed_landing_checks_the_ledger(db, monkeypatch):
+    """An insert that failed may have committed: its chunk is anti-joined on the retry, and lands once."""
+    led = Ledger(db, flush_interval=10)
+    led.start()
+    statements: list[str] = []
+    real = led._mem
+    failed = []
+
+    class CommitThenFail(_Spy):
+        def execute(self, sql, *args):
+            statements.append(sql)
+            result = self._con.execute(sql, *args)
+            if sql.startswith("INSERT") and not failed:
+                failed.append(sql)
+                raise duckdb.IOException("disk hiccup after commit")
+            return result
+
+    monkeypatch.setattr(led, "_mem", CommitThenFail(real, statements.append))
+    try:
+        rows = [make_row(i) for i in range(5)]
+        for r in rows:
+            led.record(r)
+        assert led.flush(timeout=15)
+    finally:
+        led.stop()
+    inserts = [s for s in statements if s.startswith("INSERT")]
+    assert "ANTI JOIN" not in inserts[0] and "ANTI JOIN" in inserts[-1]
+    assert count(db) == (5, 5)
+
+
+def test_a_request_recorded_again_after_its_landing_is_dropped(db, caplog):
+    led = Ledger(db, flush_interval=0.05)
+    led.start()
+    try:
+        row = make_row(1)
+        led.record(row)
+        assert led.flush()
+        with caplog.at_level(logging.WARNING, "tollgate.ledger"):
+            led.record(dict(row))
+            led.record(make_row(2))
+            assert led.flush()
+    finally:
+        led.stop()
+    assert count(db) == (2, 2)
+    assert "repeated the request_id" in caplog.text
