@@ -280,3 +280,38 @@ assert not [t for t in threading.enumerate() if "genai_prices" in t.name]
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0.000450000"
+
+
+@pytest.mark.parametrize(
+    "kinds, per_request, counts",
+    [
+        # a tie at half a nano-dollar rounds to even, both ways
+        (((Decimal("0.5"), 10**9), None, None, None, None), None, (1, 0, 0, 0, 0)),
+        (((Decimal("0.5"), 10**9), None, None, None, None), None, (3, 0, 0, 0, 0)),
+        (((Decimal("0.15"), 10**6), (Decimal("0.075"), 10**6), None, (Decimal("0.6"), 10**6), None), None,
+         (11, 7, 0, 8, 0)),
+        (((Decimal("3"), 10**6), None, (Decimal("3.75"), 10**6), (Decimal("15"), 10**6), (Decimal("15"), 10**6)),
+         (Decimal("0.01"), 1), (123_457, 0, 9_999, 31_337, 2_048)),
+        (((Decimal("1E+1"), 1000), None, None, None, None), None, (7, 0, 0, 0, 0)),  # a positive exponent
+        (((Decimal("0.15"), 10**6), None, None, None, None), None, (0, 0, 0, 0, 0)),
+    ],
+)
+def test_integer_pricing_equals_the_decimal_sum(kinds, per_request, counts):
+    from tollgate.pricing import _exact_cost, _int_plan, _reduced_cost, _Reduced
+
+    plan = _int_plan(kinds, per_request)
+    assert plan is not None
+    expected = _reduced_cost(_Reduced(None, kinds, per_request), counts).quantize(QUANTUM)
+    got = _exact_cost(plan, counts)
+    assert got == expected and str(got) == str(expected)
+
+
+def test_integer_pricing_refuses_what_decimal_cannot_hold():
+    from decimal import InvalidOperation
+
+    from tollgate.pricing import _exact_cost, _int_plan
+
+    plan = _int_plan(((Decimal("0.15"), 10**6), None, None, None, None), None)
+    with pytest.raises(InvalidOperation):
+        _exact_cost(plan, (10**30, 0, 0, 0, 0))
+    assert Pricer().cost("openai", "openai", "gpt-4o-mini", Usage(input_tokens=10**30)) is None
