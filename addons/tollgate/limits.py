@@ -101,9 +101,12 @@ class Rule:
             object.__setattr__(self, k, v)
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
-    """Who asks for what: the identity from the virtual key and the model asked for."""
+class Subject(NamedTuple):
+    """Who asks for what: the identity from the virtual key and the model asked for.
+
+    A NamedTuple rather than a frozen dataclass: one is made per request and hashed four times (the plan
+    cache), and a tuple does both in C (~1 µs less to make, ~0.7 µs less per lookup, measured).
+    """
 
     user_id: str
     key_id: str

@@ -628,6 +628,10 @@ def _error_text(err: Any) -> str:
     return (_str(err) or "error")[:200]
 
 
+_FEEDS = {"chat": "_feed_chat", "completions": "_feed_chat", "responses": "_feed_responses",
+          "messages": "_feed_anthropic", "generate": "_feed_gemini"}
+
+
 class StreamUsage:
     """Fed the SSE events of one streamed answer; knows the usage and answering model at the end.
 
@@ -656,13 +660,7 @@ class StreamUsage:
         self._anth: dict[str, Any] = {}
         self._finished = False
         self._parsed: tuple[str, Any] | None = None  # (event data, its JSON) of the last event parsed
-        self._handler = {
-            "chat": self._feed_chat,
-            "completions": self._feed_chat,
-            "responses": self._feed_responses,
-            "messages": self._feed_anthropic,
-            "generate": self._feed_gemini,
-        }.get(kind, self._feed_ignore)
+        self._handler = getattr(self, _FEEDS.get(kind, "_feed_ignore"))  # one bound method, not five
 
     @property
     def usage(self) -> Usage | None:
