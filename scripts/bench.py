@@ -412,6 +412,7 @@ class Run:
     busy: float = 0.0  # seconds from the first request's start to the last one's end
     rates: list[float] = field(default_factory=list)  # req/s of each round
     p50s: list[float] = field(default_factory=list)  # median latency (s) of each round
+    means: list[float] = field(default_factory=list)  # mean latency (s) of each round: finer than hey's 0.1 ms steps
     cpu: float = 0.0  # CPU seconds the proxy process used meanwhile (user + system, all threads)
 
     @property
@@ -438,6 +439,7 @@ class Run:
         self.busy += other.busy
         self.rates += other.rates
         self.p50s += other.p50s
+        self.means += other.means
         self.cpu += other.cpu
 
 
@@ -469,6 +471,7 @@ def hey(hey_bin: str, proxy_port: int, *, key: str, stream: bool, c: int, durati
     run.busy = max(0.0, end - start)
     run.rates = [run.rps]
     run.p50s = [run.pct(50)]
+    run.means = [statistics.fmean(run.latencies)] if run.latencies else []
     return run
 
 
@@ -645,7 +648,8 @@ def _interval(iv: tuple[float, float], fmt: str) -> str:
 
 def summarize(r: Run) -> dict[str, Any]:
     return {"n": r.n, "ok": r.ok, "rps": r.rps, "rps_rounds": r.rates, "p50_ms": r.pct(50) * 1000,
-            "p50_ms_rounds": [p * 1000 for p in r.p50s], "cpu_ms_per_request": r.cpu / r.n * 1000 if r.n else None,
+            "p50_ms_rounds": [p * 1000 for p in r.p50s], "mean_ms_rounds": [m * 1000 for m in r.means],
+            "cpu_ms_per_request": r.cpu / r.n * 1000 if r.n else None,
             "p99_ms": r.pct(99) * 1000, "mean_ms": (statistics.fmean(r.latencies) * 1000) if r.latencies else None,
             "statuses": {str(k): v for k, v in r.statuses.items()}}
 
@@ -656,7 +660,8 @@ def report_compare(res: dict[str, Any], cmd: str, env: dict[str, str]) -> tuple[
     # median of those paired ratios and differences is what drift on a shared machine disturbs least.
     lines = ["| path | bare req/s | tollgate req/s | tollgate/bare: pooled, median of rounds (range) "
              "| bare p50 / p99 ms | tollgate p50 / p99 ms | added p50 ms: pooled, median of rounds "
-             "| proxy CPU ms/request bare → tollgate |", "|---|---|---|---|---|---|---|---|"]
+             "| added mean ms: median of rounds [95 %] | proxy CPU ms/request bare → tollgate |",
+             "|---|---|---|---|---|---|---|---|---|"]
     paired: dict[str, tuple[float, float]] = {}
     ci: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
     for name, r in runs.items():
@@ -666,17 +671,21 @@ def report_compare(res: dict[str, Any], cmd: str, env: dict[str, str]) -> tuple[
         added_rounds = [tp - bp for tp, bp in zip(t["p50_ms_rounds"], b["p50_ms_rounds"])]
         med_ratio = statistics.median(per_round) if per_round else ratio
         med_added = statistics.median(added_rounds) if added_rounds else t["p50_ms"] - b["p50_ms"]
-        paired[name] = (med_ratio, med_added)
-        ci[name] = (median_interval(per_round), median_interval(added_rounds))
+        # hey times requests in 0.1 ms steps: a round's mean resolves what its median cannot.
+        mean_rounds = [tm - bm for tm, bm in zip(t.get("mean_ms_rounds", []), b.get("mean_ms_rounds", []))]
+        med_mean = statistics.median(mean_rounds) if mean_rounds else float("nan")
+        paired[name] = (med_ratio, med_added, med_mean)
+        ci[name] = (median_interval(per_round), median_interval(added_rounds), median_interval(mean_rounds))
         spread = (f" (95 % {ci[name][0][0]:.2f}–{ci[name][0][1]:.2f}; rounds {min(per_round):.2f}–{max(per_round):.2f})"
                   if len(per_round) > 1 else "")
         cpu = (f"{b['cpu_ms_per_request']:.2f} → {t['cpu_ms_per_request']:.2f}"
                if b.get("cpu_ms_per_request") and t.get("cpu_ms_per_request") else "")
         lines.append(f"| {name} | {b['rps']:.0f} | {t['rps']:.0f} | {ratio:.2f}, {med_ratio:.2f}{spread} "
                      f"| {b['p50_ms']:.2f} / {b['p99_ms']:.2f} | {t['p50_ms']:.2f} / {t['p99_ms']:.2f} | "
-                     f"{t['p50_ms'] - b['p50_ms']:+.2f}, {med_added:+.2f}{_interval(ci[name][1], '+.2f')} | {cpu} |")
+                     f"{t['p50_ms'] - b['p50_ms']:+.2f}, {med_added:+.2f}{_interval(ci[name][1], '+.2f')} "
+                     f"| {med_mean:+.2f}{_interval(ci[name][2], '+.2f')} | {cpu} |")
     ratio8, ratio8s = paired["JSON c=8"][0], paired["SSE c=8"][0]
-    added = paired["JSON c=1"][1]  # hey reports 0.1 ms steps: 2.7 - 2.4 must read as 0.30, not 0.3000000000000003
+    added, added_mean = paired["JSON c=1"][1], paired["JSON c=1"][2]
     tt = res["ttft_ms"]
     added_ttft = tt["tollgate"]["median"] - tt["bare"]["median"]
     led = res["ledger"]
@@ -686,8 +695,11 @@ def report_compare(res: dict[str, Any], cmd: str, env: dict[str, str]) -> tuple[
               f"| throughput, everything on, c=8 (JSON / SSE; median of paired rounds, 95 % interval) | "
               f"{ratio8:.0%}{_interval(ci['JSON c=8'][0], '.0%')} / {ratio8s:.0%}{_interval(ci['SSE c=8'][0], '.0%')}"
               f" of bare | ≥ 90 % | {_yes(ratio8 >= 0.9 and ratio8s >= 0.9)} |",
-              f"| latency added at c=1 (p50, JSON; median of paired rounds, 95 % interval) | {added:+.2f} ms"
-              f"{_interval(ci['JSON c=1'][1], '+.2f')} | ≤ 0.3 ms | {_yes(round(added, 2) <= 0.3)} |",
+              f"| latency added at c=1 (JSON; median of paired rounds, 95 % interval): mean / p50 "
+              f"| {added_mean:+.2f} ms{_interval(ci['JSON c=1'][2], '+.2f')} / {added:+.2f} ms"
+              f"{_interval(ci['JSON c=1'][1], '+.2f')} | ≤ 0.3 ms "
+              # judged on the mean (the p50 moves in hey's 0.1 ms steps); rounded, so 0.30 is not 0.3000…03
+              f"| {_yes(round(added_mean, 2) <= 0.3)} |",
               f"| time to first token added (paced stream, median of {res['ttft_n']}) | "
               f"{added_ttft:+.2f} ms ({tt['bare']['median']:.2f} → {tt['tollgate']['median']:.2f}) | ≤ 2 ms "
               f"| {_yes(added_ttft <= 2)} |",
