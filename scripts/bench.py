@@ -16,7 +16,8 @@ What is compared, and why it is fair:
     high enough never to refuse, the ledger on); its `base_url` sends the same requests to the same nginx.
   * Rounds alternate (bare, tollgate, then tollgate, bare, ...) for every configuration, so drift on a shared
     machine hits both. The targets use the median over rounds of each round's paired figures (tollgate's
-    req/s over bare's, tollgate's p50 minus bare's), which drift disturbs least, with a 95 % bootstrap
+    req/s over bare's; tollgate's mean latency minus bare's, as hey's 0.1 ms steps make p50s too coarse
+    for a 0.3 ms target, with the p50s shown too), which drift disturbs least, with a 95 % bootstrap
     interval of that median; the pooled figures (all rounds' latencies, requests / busy time) are shown
     beside them. Many short rounds beat a few long ones here: this machine's speed wanders by ±20 % over
     tens of seconds, so rounds 2.5 s apart pair better than rounds 5 s apart. Each proxy's CPU time per
@@ -40,6 +41,7 @@ import ipaddress
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -633,8 +635,6 @@ def compare(a: argparse.Namespace, tools: dict[str, str], d: Path) -> dict[str, 
 
 def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float]:
     """A 95 % bootstrap interval of the median of `values` (seeded: the same rounds give the same interval)."""
-    import random
-
     if len(values) < 2:
         return (values[0], values[0]) if values else (float("nan"), float("nan"))
     rng = random.Random(0)
@@ -662,8 +662,8 @@ def report_compare(res: dict[str, Any], cmd: str, env: dict[str, str]) -> tuple[
              "| bare p50 / p99 ms | tollgate p50 / p99 ms | added p50 ms: pooled, median of rounds "
              "| added mean ms: median of rounds [95 %] | proxy CPU ms/request bare → tollgate |",
              "|---|---|---|---|---|---|---|---|---|"]
-    paired: dict[str, tuple[float, float]] = {}
-    ci: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
+    paired: dict[str, tuple[float, float, float]] = {}  # median of rounds: ratio, added p50, added mean
+    ci: dict[str, tuple[tuple[float, float], ...]] = {}  # their 95 % intervals, in the same order
     for name, r in runs.items():
         b, t = r["bare"], r["tollgate"]
         ratio = t["rps"] / b["rps"] if b["rps"] else float("nan")
