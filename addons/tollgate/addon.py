@@ -401,9 +401,8 @@ class Gateway:
         ex.deadline = None
         resp = flow.response
         assert resp is not None
-        if ex.subject is not None:
-            limiter, subject = ex.subject
-            hdrs.set_many(resp.headers, limiter.headers(subject))
+        if ex.limit_headers:
+            hdrs.set_many(resp.headers, ex.limit_headers)
         if ex.outcome != "ok" or resp.status_code >= 400:
             return  # refusals and provider errors are small JSON: buffer them
         sse = b"text/event-stream" in (hdrs.get(resp.headers, b"content-type") or b"")
@@ -494,7 +493,9 @@ class Gateway:
         limiter = c.limiter
         subject = Subject(ident.user_id, ident.key_id, ex.tier, f"{provider.name}:{ex.model or ''}")
         if not limiter.empty:
-            d = limiter.check_and_hit(subject)
+            # The answer's x-ratelimit-* headers are worked out now, from this hit: as OpenAI's, they describe
+            # the limits when the request was admitted, and the answer needs no second look at the store.
+            d = limiter.check_and_hit(subject, with_headers=True)
             if not d.allowed:
                 wait = max(d.retry_after, 0.0)
                 headers = {**d.headers, "retry-after": str(math.ceil(wait)),
@@ -505,7 +506,7 @@ class Gateway:
                              f"rate limit {d.limit_name} reached; retry in {math.ceil(wait)}s",
                              headers, error_type=d.kind if ex.wire in ("openai", "azure") else None)
                 return False
-            ex.subject = (limiter, subject)
+            ex.subject, ex.limit_headers = (limiter, subject), d.headers
         budgets = c.budgets
         if budgets.applicable(ident.user_id, ex.tier):
             # Worst case: the prompt's size bound (O(1); tokenizing a large body here would stall the
@@ -527,9 +528,7 @@ class Gateway:
         if ex.subject is not None:
             limiter, subject = ex.subject
             ex.subject = None
-            if ex.usage is not None and ex.usage.total_tokens:
-                limiter.charge_tokens(subject, ex.usage.total_tokens)
-            limiter.release(subject)
+            limiter.finish(subject, ex.usage.total_tokens if ex.usage is not None else 0)
         if ex.reservation is not None:
             budgets, r = ex.reservation
             ex.reservation = None
@@ -740,11 +739,7 @@ def _json_body(req: http.Request) -> Any:
     return _loads(content)
 
 
-def _loads(content: bytes) -> Any:
-    try:
-        return json.loads(content)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # deeply nested JSON is unreadable too
-        return None
+_loads = prov.loads
 
 
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")

@@ -41,6 +41,7 @@ class Exchange:
     unified: bool = False  # came through the unified API (gateway.port), not the proxy
     tier: str | None = None  # the tier the request runs under (policy's shared_users, else the key's)
     subject: Any = None  # limits.Subject once the rate limiter counted the request (released at the end)
+    limit_headers: dict[str, str] | None = None  # the answer's x-ratelimit-* headers, from the admission
     reservation: Any = None  # budgets.Reservation held while the request is in flight
     redacted: bool = False  # the flow holds the marker, not the real key
     deadline: float | None = None  # time.monotonic() by which the answer must start (upstream_timeout)

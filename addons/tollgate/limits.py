@@ -120,7 +120,8 @@ class Decision:
     retry_after: float = 0.0  # seconds until this request would pass (0 if allowed)
     limit_name: str | None = None  # the binding limit, e.g. "per_user.requests_per_minute"
     kind: str | None = None  # "requests" | "tokens" | "concurrency"
-    # OpenAI-style x-ratelimit-* headers, filled on refusals (for the 429); for an answer call headers().
+    # OpenAI-style x-ratelimit-* headers: filled on refusals (for the 429), and on an allowed check_and_hit
+    # asked for them (for the answer).
     headers: dict[str, str] = field(default_factory=dict)
     retryable: bool = True  # False for a zero limit: tell SDKs not to retry (x-should-retry: false)
 
@@ -406,14 +407,20 @@ class RateLimiter:
         if plan.conc_keys:
             self.storage.add_in_flight(plan.conc_keys, 1)
 
-    def check_and_hit(self, s: Subject, now: float | None = None) -> Decision:
-        """check + hit as one step (atomic in a shared store). What callers should use."""
+    def check_and_hit(self, s: Subject, now: float | None = None, *, with_headers: bool = False) -> Decision:
+        """check + hit as one step (atomic in a shared store). What callers should use.
+
+        with_headers: an allowed Decision also carries the answer's x-ratelimit-* headers as of this hit (what
+        headers() would say now), so the answer needs no second plan lookup and store read.
+        """
         plan = self._plan(s)
         if not plan.probes:
             return Decision(True)
         if now is None:
             now = self._clock()
         if self.storage.check_and_hit(plan.probes, now):
+            if with_headers and plan.rate_keys:
+                return Decision(True, headers=_headers(plan, self.storage.tats(plan.rate_keys), now))
             return Decision(True)
         d = self.check(s, now)  # why it failed; not atomic, only for the message
         if d.allowed:  # a shared store's state moved in between: report the tightest limit as full
@@ -430,6 +437,15 @@ class RateLimiter:
     def release(self, s: Subject) -> None:
         """Give the in-flight slot back (answer done, error or abort). Exactly once per hit."""
         plan = self._plan(s)
+        if plan.conc_keys:
+            self.storage.add_in_flight(plan.conc_keys, -1)
+
+    def finish(self, s: Subject, tokens: int = 0, now: float | None = None) -> None:
+        """charge_tokens then release, in one step (the end of every admitted request)."""
+        plan = self._plan(s)
+        if tokens > 0 and plan.token_costs:
+            self.storage.advance([(k, tokens * iv) for k, iv in plan.token_costs],
+                                 self._clock() if now is None else now)
         if plan.conc_keys:
             self.storage.add_in_flight(plan.conc_keys, -1)
 

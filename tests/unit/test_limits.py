@@ -290,6 +290,38 @@ def test_headers_values():
     }
 
 
+@pytest.mark.parametrize("rate_limits", [
+    {"per_user": {"requests_per_minute": 60, "tokens_per_minute": 1000}, "global": {"requests_per_minute": 1000}},
+    {"per_key": {"requests_per_second": 2, "max_concurrent": 3}},
+    {"per_model": {"openai:gpt-4o*": {"tokens_per_hour": 5000}}},
+])
+def test_an_allowed_hit_can_carry_the_headers_headers_would_give(rate_limits):
+    plain, carrying = limiter(rate_limits), limiter(rate_limits)
+    for i in range(3):
+        now = T0 + i * 0.25
+        d = plain.check_and_hit(ALICE, now=now)
+        c = carrying.check_and_hit(ALICE, now=now, with_headers=True)
+        assert d.allowed and c.allowed and d.headers == {}
+        assert c.headers == plain.headers(ALICE, now=now)
+        plain.charge_tokens(ALICE, 100, now=now)
+        carrying.charge_tokens(ALICE, 100, now=now)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 250, -5])
+def test_finish_is_charge_tokens_then_release(tokens):
+    policy = {"per_user": {"tokens_per_minute": 1000, "max_concurrent": 1, "requests_per_minute": 100}}
+    two_calls, one_call = limiter(policy), limiter(policy)
+    for rl in (two_calls, one_call):
+        assert rl.check_and_hit(ALICE, now=T0).allowed
+        assert not rl.check_and_hit(ALICE, now=T0).allowed  # the in-flight slot is taken
+    two_calls.charge_tokens(ALICE, tokens, now=T0)
+    two_calls.release(ALICE)
+    one_call.finish(ALICE, tokens, now=T0)
+    assert one_call.storage._tat == two_calls.storage._tat
+    assert one_call.storage._flight == two_calls.storage._flight == {}
+    assert one_call.headers(ALICE, now=T0 + 1) == two_calls.headers(ALICE, now=T0 + 1)
+
+
 def test_headers_pick_least_remaining_relative_not_absolute():
     rl = limiter({"per_user": {"requests_per_minute": 10}, "global": {"requests_per_minute": 20}})
     for i in range(15):

@@ -19,6 +19,7 @@ from tollgate.providers import (
     find_credential,
     host_patterns,
     is_usage_only_chunk,
+    loads,
     model_from_json,
     request_facts,
     usage_from_json,
@@ -1066,3 +1067,27 @@ def test_chat_stream_model_read_without_parsing_matches_a_parse(model):
     for ev in parser.feed(b"data: " + json.dumps(chunk).encode() + b"\n\n"):
         su.feed(ev)
     assert su.model == (model or None)
+
+
+# --- loads: the Rust parser, with json.loads for what it refuses --------------------------------------------
+
+@pytest.mark.parametrize("data", [
+    b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi \\u00e9"}],"max_tokens":5}',
+    '{"a": [1, 2.5, -0.0, 1e400, null, true]}',
+    b'{"a":12345678901234567890123}',
+    b'{"a":1,"a":2}',  # the last duplicate wins
+    b' {"a":NaN} ',
+    b'"plain string"',
+    b'{"a":"\\ud800"}',  # a lone surrogate escape: the Rust parser refuses it, json.loads reads it
+    b'\xef\xbb\xbf{"a":1}',  # a UTF-8 byte-order mark
+    '{"a":"\u00e9"}'.encode("utf-16"),  # JSON may be UTF-16 (RFC 4627 detection, as json.loads does)
+    b"[" * 300 + b"]" * 300,  # deeper than the Rust parser goes, within json.loads' recursion
+])
+def test_loads_is_json_loads(data):
+    want = json.loads(data)
+    assert repr(loads(data)) == repr(want)  # repr: NaN != NaN, and -0.0 must stay -0.0
+
+
+@pytest.mark.parametrize("data", [b"", b"{", b'{"a":1} x', b'{"a":"\xff"}', b"[" * 100_000, "not json", b"\x00"])
+def test_loads_gives_none_for_what_is_not_json(data):
+    assert loads(data) is None
