@@ -305,9 +305,12 @@ def make_ca(confdir: Path) -> Path:
     return confdir / "mitmproxy-ca-cert.pem"
 
 
+PROXY_CPU: list[str] = []  # `--pin`: taskset prefix that puts the proxies on a core of their own
+
+
 def mitmdump_args(port: int, confdir: Path) -> list[str]:
     """What both proxies share: same listener, CA, quiet flow output, lazy and unverified upstream TLS."""
-    return [str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "--mode", f"regular@{port}",
+    return [*PROXY_CPU, str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "--mode", f"regular@{port}",
             "--set", f"confdir={confdir}", "--set", "flow_detail=0", "--set", "connection_strategy=lazy",
             "--set", "ssl_insecure=true"]
 
@@ -1030,8 +1033,19 @@ def environment(tools: dict[str, str] | None) -> dict[str, str]:
         vers.append(ng.replace("nginx version: ", ""))
         pkg = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "hey"], capture_output=True, text=True)
         vers.append(f"hey {pkg.stdout.strip()}" if pkg.returncode == 0 else "hey")
-    return {"machine": f"{os.cpu_count()} cores ({cpu or platform.machine()}), shared by load generator, proxy and "
-                       f"upstream", "versions": ", ".join(vers)}
+    where = (f"the proxy alone on core {PROXY_CPU[-1]}, load generator and upstream on the others" if PROXY_CPU
+             else "shared by load generator, proxy and upstream")
+    return {"machine": f"{os.cpu_count()} cores ({cpu or platform.machine()}), {where}", "cpu": cpu,
+            "versions": ", ".join(vers)}
+
+
+def pin_proxies() -> None:
+    """--pin: this process and every child on all cores but the last; the proxies (taskset) on the last one."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        raise SystemExit("bench: --pin needs two cores and taskset (util-linux)")
+    os.sched_setaffinity(0, cpus[:-1])
+    PROXY_CPU[:] = ["taskset", "-c", str(cpus[-1])]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1044,6 +1058,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--soak", type=int, nargs="?", const=100_000, metavar="N",
                       help="N requests through tollgate (default 100000): RSS growth and open fds")
     mode.add_argument("--profile", metavar="DIR", help="py-spy record tollgate under c=8 load into DIR")
+    mode.add_argument("--hooks", action="store_true", help="tollgate's hooks in one process, warm and with the "
+                      "CPU caches evicted before each request (no network; see scripts/bench_hooks.py)")
     ap.add_argument("--rounds", type=int, default=12, help="alternating rounds per configuration (default 12)")
     ap.add_argument("--duration", type=float, default=2.5, help="seconds per hey run (default 2.5)")
     ap.add_argument("--warmup", type=float, default=2, help="warm-up seconds per proxy and configuration")
@@ -1059,9 +1075,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(diagnostics, e.g. a tracemalloc dump)")
     ap.add_argument("--py-spy", metavar="PATH", help="py-spy binary for --profile (default: on PATH)")
     ap.add_argument("--top", type=int, default=15, help="rows of --profile's hot-spot table")
+    ap.add_argument("--hooks-n", type=int, default=2000, help="requests per round for --hooks (default 2000)")
+    ap.add_argument("--evict-mb", type=int, default=8, help="MB overwritten before each --hooks request "
+                    "(default 8: a few times a core's L2 here)")
+    ap.add_argument("--pin", action="store_true", help="the proxy under test on the last core, everything else "
+                    "(hey, nginx, the stand-in, this script) on the others: a gateway with a core of its own, as "
+                    "deployed, instead of one sharing its caches with the load generator")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, ledger)")
     a = ap.parse_args(argv)
+    if a.hooks and "--rounds" not in (argv if argv is not None else sys.argv):
+        a.rounds = 5
     if a.quick:
         a.rounds, a.duration, a.warmup, a.ttft_n = 1, 1, 0.5, 5
         a.ledger_rows = min(a.ledger_rows, 20_000)
@@ -1071,7 +1095,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     cmd = "scripts/bench" + "".join(" " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
-    tools = None if a.ledger else ensure_tools()
+    tools = None if a.ledger or a.hooks else ensure_tools()
+    if a.pin:
+        pin_proxies()
     if a.install:
         print(f"bench: hey at {tools['hey']}, nginx at {tools['nginx']}")  # type: ignore[index]
         return 0
@@ -1088,6 +1114,12 @@ def main(argv: list[str] | None = None) -> int:
             ok = raw["ok"]
         elif a.profile:
             text, raw = profile_mode(a, tools, d)
+        elif a.hooks:
+            import bench_hooks
+
+            raw = bench_hooks.run(bench_policy(9, d / "usage.duckdb", 0), REQUEST, fixed_answers(), n=a.hooks_n,
+                                  rounds=a.rounds, evict_mb=a.evict_mb)
+            text = bench_hooks.report(raw, cmd, env)
         else:
             raw = compare(a, tools, d)
             text, ok = report_compare(raw, cmd, env)

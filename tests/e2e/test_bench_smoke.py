@@ -33,3 +33,17 @@ def test_bench_quick(tmp_path: Path) -> None:
             assert run["n"] > 0 and run["ok"] == run["n"], (path, proxy, run)
     assert res["ledger"]["rows"] == res["ledger"]["sent"] == res["ledger"]["outcomes"].get("ok"), res["ledger"]
     assert res["ttft_ms"]["tollgate"]["median"] > 0 and res["ttft_ms"]["bare"]["median"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_hooks_mode(tmp_path: Path) -> None:
+    """scripts/bench --hooks needs no network or tools: tollgate's hooks in-process, warm and cache-evicted."""
+    out = tmp_path / "hooks.json"
+    r = subprocess.run([str(BENCH), "--hooks", "--hooks-n", "30", "--rounds", "1", "--evict-mb", "1", "--json",
+                        str(out)], capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+    assert "| path | hook | warm µs | caches evicted µs | evicted / warm |" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    for path in ("JSON", "SSE"):
+        assert res[path]["warm"]["all"] > 0 and res[path]["evicted"]["all"] > 0
+        assert res[path]["python"]["tollgate"]["functions"] > 10  # the hooks really ran tollgate's code
