@@ -26,8 +26,10 @@ What is compared, and why it is fair:
     chunks OpenAI sends with include_usage) — built by tests/standin.py, the e2e tests' stand-in. The paced
     stream for time-to-first-token is tests/standin.py itself (`-paced-N`), behind the same nginx.
 
-Modes: default (the comparison), `--ledger` (Ledger writer throughput and event-loop lag), `--soak N`
-(one long tollgate run: RSS and open fds), `--quick` (a smoke run of the default mode).
+Modes: default (the comparison; with `--pin`, the proxy under test alone on the last core), `--ledger` (Ledger
+writer throughput and event-loop lag), `--soak N` (one long tollgate run: RSS and open fds), `--hooks`
+(tollgate's hooks in one process, warm and with the CPU caches evicted: scripts/bench_hooks.py), `--quick` (a
+smoke run of the default mode).
 """
 from __future__ import annotations
 
