@@ -468,7 +468,7 @@ class Gateway:
         msg = flow.websocket.messages[-1]
         if msg.from_client or not msg.is_text or b'"response.done"' not in msg.content:
             return
-        data = _loads(msg.content)
+        data = prov.loads(msg.content)
         resp = data.get("response") if isinstance(data, dict) else None
         u = prov.usage_from_json("openai", "responses", resp if isinstance(resp, dict) else None)
         if u is not None:
@@ -623,9 +623,9 @@ class Gateway:
                 if ex.usage is not None and ex.usage.source == "provider":
                     return
         if len(content) > BIG_BODY:  # e.g. thousands of embeddings: parse off the loop
-            data = await asyncio.get_running_loop().run_in_executor(self._io, _loads, content)
+            data = await asyncio.get_running_loop().run_in_executor(self._io, prov.loads, content)
         else:
-            data = _loads(content)
+            data = prov.loads(content)
         ex.usage = prov.usage_from_json(ex.wire, ex.kind, data)
         ex.response_model = prov.model_from_json(ex.wire, data)
         if ex.usage is None or ex.usage.source != "provider":
@@ -736,10 +736,7 @@ def _json_body(req: http.Request) -> Any:
                 if k in (b"model", b"stream", b"response_format") and len(v) < 256} or None
     if not content or content[:1] not in _JSON_TYPES and content.lstrip()[:1] not in _JSON_TYPES:
         return None
-    return _loads(content)
-
-
-_loads = prov.loads
+    return prov.loads(content)
 
 
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")

@@ -50,6 +50,7 @@ __all__ = [
     "usage_from_json",
     "model_from_json",
     "is_usage_only_chunk",
+    "loads",
     "error_body",
     "host_patterns",
 ]
@@ -624,8 +625,6 @@ def loads(data: str | bytes) -> Any:
         return None
 
 
-_loads = loads
-
 
 def _event_type(ev: SSEEvent) -> str:
     """The SSE ``event:`` name, else the JSON ``type`` (some compatible servers send only the latter)."""
@@ -634,7 +633,7 @@ def _event_type(ev: SSEEvent) -> str:
     m = _LEADING_TYPE.match(ev.data)
     if m:
         return m.group(1)
-    return _str(_dict(_loads(ev.data)).get("type")) or ""
+    return _str(_dict(loads(ev.data)).get("type")) or ""
 
 
 def _error_text(err: Any) -> str:
@@ -718,7 +717,7 @@ class StreamUsage:
         for part in self._parts:
             if not isinstance(part, _Text):
                 try:
-                    part = extract(_loads(part))
+                    part = extract(loads(part))
                 except Exception:
                     part = ""
             if part:
@@ -763,7 +762,7 @@ class StreamUsage:
             if self.model is not None:
                 self._keep(data)  # the common content chunk: no parsing now
                 return
-        obj = _loads(data)
+        obj = loads(data)
         self._parsed = (data, obj)
         if not isinstance(obj, dict):
             return
@@ -792,7 +791,7 @@ class StreamUsage:
         final = etype in _RESPONSES_FINAL
         if not final and etype not in ("response.created", "error"):
             return
-        obj = _dict(_loads(ev.data))
+        obj = _dict(loads(ev.data))
         if etype == "error":
             self.error = _error_text(obj.get("error") or obj)
             return
@@ -815,13 +814,13 @@ class StreamUsage:
             self._keep(ev.data)
             return
         if etype == "message_start":
-            msg = _dict(_dict(_loads(ev.data)).get("message"))
+            msg = _dict(_dict(loads(ev.data)).get("message"))
             self.model = _str(msg.get("model")) or self.model
             self._merge_anthropic(msg.get("usage"), final=False)
         elif etype == "message_delta":
-            self._merge_anthropic(_dict(_loads(ev.data)).get("usage"), final=True)
+            self._merge_anthropic(_dict(loads(ev.data)).get("usage"), final=True)
         elif etype == "error":
-            self.error = _error_text(_dict(_loads(ev.data)).get("error"))
+            self.error = _error_text(_dict(loads(ev.data)).get("error"))
 
     def _merge_anthropic(self, u: Any, final: bool) -> None:
         # Overwrite semantics, as Anthropic's SDKs apply them: a later event's non-null field replaces the
@@ -844,7 +843,7 @@ class StreamUsage:
         if "usageMetadata" not in data and "finishReason" not in data and '"error"' not in data and self.model:
             self._keep(data)
             return
-        obj = _loads(data)
+        obj = loads(data)
         if isinstance(obj, list):  # a JSON-array framing that slipped into an event: take its last chunk
             obj = obj[-1] if obj else None
         if not isinstance(obj, dict):
@@ -952,7 +951,7 @@ def is_usage_only_chunk(data: str) -> bool:
     """
     if not _USAGE_OBJ.search(data):
         return False
-    obj = _loads(data)
+    obj = loads(data)
     if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
         return False
     choices = obj.get("choices")

@@ -46,6 +46,8 @@ def blank_event(raw: bytes) -> bytes:
             if pad >= 0:
                 return b":" + b" " * pad + eol + eol
     return b":" + b" " * (len(raw) - 1) if raw else raw  # the stream's last, unterminated block
+
+
 RAW_CAP = 8 * 1024 * 1024  # non-SSE streams (Gemini's JSON array) are kept up to this for the final parse
 
 
