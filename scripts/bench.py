@@ -1062,7 +1062,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--profile", metavar="DIR", help="py-spy record tollgate under c=8 load into DIR")
     mode.add_argument("--hooks", action="store_true", help="tollgate's hooks in one process, warm and with the "
                       "CPU caches evicted before each request (no network; see scripts/bench_hooks.py)")
-    ap.add_argument("--rounds", type=int, default=12, help="alternating rounds per configuration (default 12)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds per configuration (default 12; --hooks: 5)")
     ap.add_argument("--duration", type=float, default=2.5, help="seconds per hey run (default 2.5)")
     ap.add_argument("--warmup", type=float, default=2, help="warm-up seconds per proxy and configuration")
     ap.add_argument("--ttft-n", type=int, default=60, help="paced streams per proxy for TTFT (default 60)")
@@ -1086,8 +1086,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, ledger)")
     a = ap.parse_args(argv)
-    if a.hooks and "--rounds" not in (argv if argv is not None else sys.argv):
-        a.rounds = 5
+    if a.rounds is None:
+        a.rounds = 5 if a.hooks else 12
     if a.quick:
         a.rounds, a.duration, a.warmup, a.ttft_n = 1, 1, 0.5, 5
         a.ledger_rows = min(a.ledger_rows, 20_000)
