@@ -35,6 +35,25 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert res["ttft_ms"]["tollgate"]["median"] > 0 and res["ttft_ms"]["bare"]["median"] > 0
 
 
+@pytest.mark.timeout(420)
+def test_bench_floor_quick(tmp_path: Path) -> None:
+    """scripts/bench --floor: the same comparison with scripts/bench_floor.py in tollgate's place."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    inst = subprocess.run([str(BENCH), "--install"], capture_output=True, text=True, env=env, timeout=360)
+    if inst.returncode == 2:
+        pytest.skip(f"hey/nginx cannot be installed here: {inst.stderr.strip()[-300:]}")
+    out = tmp_path / "floor.json"
+    r = subprocess.run([str(BENCH), "--floor", "--quick", "--json", str(out)], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+    assert "scripts/bench_floor.py" in r.stdout and "(--floor keeps no ledger)" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    assert res["floor"] is True and res["ledger"] is None
+    for path, by_proxy in res["runs"].items():
+        for proxy, run in by_proxy.items():
+            assert run["n"] > 0 and run["ok"] == run["n"], (path, proxy, run)  # the floor swapped the key
+
+
 @pytest.mark.timeout(180)
 def test_bench_hooks_mode(tmp_path: Path) -> None:
     """scripts/bench --hooks needs no network or tools: tollgate's hooks in-process, warm and cache-evicted."""
