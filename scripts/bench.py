@@ -625,7 +625,8 @@ def compare(a: argparse.Namespace, tools: dict[str, str], d: Path) -> dict[str, 
                               "total_median": statistics.median(t for _, t in v) * 1000}
                           for n, v in ttft.items()}
         res["ttft_n"] = a.ttft_n
-        log("stopping tollgate (its ledger flushes on stop), then counting ledger rows")
+        log("stopping the floor addon's proxy" if a.floor else
+            "stopping tollgate (its ledger flushes on stop), then counting ledger rows")
         rc = tg.proc.stop()
         if rc not in (0, None):
             log(f"tollgate exited with {rc}; see {tg.proc.log_path}")
@@ -1099,6 +1100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, ledger)")
     a = ap.parse_args(argv)
+    if a.floor and (a.install or a.ledger or a.soak or a.profile or a.hooks):
+        ap.error("--floor replaces tollgate in the comparison: use it alone or with --quick, --pin, --rounds")
     if a.rounds is None:
         a.rounds = 5 if a.hooks else 12
     if a.quick:

@@ -88,3 +88,16 @@ def test_report_names_the_floor_and_skips_the_ledger(floor_run: bool) -> None:
     assert ("scripts/bench_floor.py" in text) is floor_run
     assert ("(--floor keeps no ledger)" in text) is floor_run
     assert ("| 40 / 40 (ok 40) | equal | yes |" in text) is not floor_run
+
+
+@pytest.mark.parametrize("argv, ok", [(["--floor"], True), (["--floor", "--quick"], True),
+                                      (["--floor", "--pin", "--rounds", "3"], True), (["--floor", "--hooks"], False),
+                                      (["--floor", "--soak"], False), (["--floor", "--ledger"], False)])
+def test_floor_is_a_comparison_option(argv: list[str], ok: bool, capsys) -> None:
+    bench = _module("bench")
+    if ok:
+        assert bench.parse_args(argv).floor
+    else:
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert "--floor replaces tollgate in the comparison" in capsys.readouterr().err
