@@ -13,14 +13,20 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "scripts" / "bench"
 
 
-@pytest.mark.timeout(420)  # the install may download hey and nginx; the run itself is bounded to 60 s below
-def test_bench_quick(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def bench_env() -> dict[str, str]:
+    """The environment the bench runs in (no proxy variables), once hey and nginx are installed (or a skip)."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     inst = subprocess.run([str(BENCH), "--install"], capture_output=True, text=True, env=env, timeout=360)
     if inst.returncode == 2:
         pytest.skip(f"hey/nginx cannot be installed here: {inst.stderr.strip()[-300:]}")
     assert inst.returncode == 0, inst.stdout + inst.stderr
+    return env
 
+
+@pytest.mark.timeout(420)  # the install may download hey and nginx; the run itself is bounded to 60 s below
+def test_bench_quick(tmp_path: Path, bench_env: dict[str, str]) -> None:
+    env = bench_env
     out = tmp_path / "bench.json"
     r = subprocess.run([str(BENCH), "--quick", "--json", str(out)], capture_output=True, text=True, env=env,
                        timeout=60)
@@ -36,12 +42,9 @@ def test_bench_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_bench_floor_quick(tmp_path: Path) -> None:
+def test_bench_floor_quick(tmp_path: Path, bench_env: dict[str, str]) -> None:
     """scripts/bench --floor: the same comparison with scripts/bench_floor.py in tollgate's place."""
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    inst = subprocess.run([str(BENCH), "--install"], capture_output=True, text=True, env=env, timeout=360)
-    if inst.returncode == 2:
-        pytest.skip(f"hey/nginx cannot be installed here: {inst.stderr.strip()[-300:]}")
+    env = bench_env
     out = tmp_path / "floor.json"
     r = subprocess.run([str(BENCH), "--floor", "--quick", "--json", str(out)], capture_output=True, text=True,
                        env=env, timeout=60)
