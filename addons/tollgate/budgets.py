@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from . import spend_hours
 from .config_error import ConfigError
 
 RESETS = ("daily", "weekly", "monthly", "never")
@@ -626,12 +627,14 @@ class Budgets:
 
     # --- restart: spend from the ledger ------------------------------------------------------------------------
 
-    def spend_query(self, now: float | datetime | None = None) -> SpendQuery | None:
+    def spend_query(self, now: float | datetime | None = None,
+                    until: datetime | None = None) -> SpendQuery | None:
         """The single statement that loads every not-yet-loaded budget's spend for its current period.
 
         Each budget counts ledger rows with period_start <= ts < min(period_end, since), `since` being when
         it began counting live, so rows are never counted twice even if traffic ran before the load.
-        None when everything is loaded.
+        `until`: the ledger's hourly-totals watermark (spend_hours.until), below which whole hours are read
+        from the totals instead of the rows. None when everything is loaded.
         """
         ts = _ts(now)
         parts: list[str] = []
@@ -643,22 +646,22 @@ class Budgets:
                     continue
                 if ts >= b._end_ts:
                     b._roll(ts)
-                where, p = _window(b.period_start, b.period_end, b.since)
+                src, p = _window(b.period_start, b.period_end, b.since, until)
                 if b.scope == "tier":
-                    parts.append(f"SELECT 'tier', ?, sum(cost_usd) FROM requests WHERE tier = ? AND {where}")
-                    params += [b.name, b.name, *p]
+                    parts.append(f"SELECT 'tier', ?, sum(cost_usd) FROM {src} WHERE tier = ?")
+                    params += [b.name, *p, b.name]
                 else:
-                    parts.append(f"SELECT 'global', NULL, sum(cost_usd) FROM requests WHERE {where}")
+                    parts.append(f"SELECT 'global', NULL, sum(cost_usd) FROM {src}")
                     params += p
                 ends[b.id] = b._end_ts
             if not self._users_loaded and self.per_user_spec is not None:
                 start, end = period_bounds(self.per_user_spec.reset, ts, self.timezone)
-                where, p = _window(start, end, self._users_since)
+                src, p = _window(start, end, self._users_since, until)
                 pooled = list(self._pools)
+                where = "user_id IS NOT NULL"
                 if pooled:
                     where += f" AND (tier IS NULL OR tier NOT IN ({', '.join('?' * len(pooled))}))"
-                parts.append(f"SELECT 'user', user_id, sum(cost_usd) FROM requests WHERE user_id IS NOT NULL"
-                             f" AND {where} GROUP BY user_id")
+                parts.append(f"SELECT 'user', user_id, sum(cost_usd) FROM {src} WHERE {where} GROUP BY user_id")
                 params += p + pooled
                 ends["user"] = end.timestamp() if end else math.inf
         if not parts:
@@ -707,19 +710,32 @@ class Budgets:
                     b.loaded = True
         return alerts
 
-    def load_spend(self, con, now: float | datetime | None = None) -> list[Alert]:
-        """spend_query + apply_spend on a DuckDB connection holding the ledger (blocking: not on the loop)."""
-        q = self.spend_query(now)
+    def fetch_spend(self, con, now: float | datetime | None = None) -> tuple[SpendQuery, list] | None:
+        """Run spend_query on a DuckDB connection whose default catalog is the ledger (blocking: not on the
+        loop); the rows are for :meth:`apply_spend`. None when everything is loaded."""
+        q = self.spend_query(now, spend_hours.until(con))
         if q is None:
-            return []
-        return self.apply_spend(q, con.execute(q.sql, q.params).fetchall(), now)
+            return None
+        return q, con.execute(q.sql, q.params).fetchall()
+
+    def load_spend(self, con, now: float | datetime | None = None) -> list[Alert]:
+        """fetch_spend + apply_spend (blocking: not on the loop)."""
+        got = self.fetch_spend(con, now)
+        return [] if got is None else self.apply_spend(*got, now)
+
+    def spend_unknown(self, user_id: str, tier: str | None) -> Budget | None:
+        """An enforcing budget of this request whose period spend has not been read from the ledger yet:
+        admitting against it would count from zero."""
+        for b in self.applicable(user_id, tier):
+            if b.enforce and not (self._users_loaded if b.scope == "user" else b.loaded):
+                return b
+        return None
 
 
-def _window(start: datetime | None, end: datetime | None, since: float) -> tuple[str, list[Any]]:
-    """SQL condition and params for period_start <= ts < min(period_end, since)."""
+def _window(start: datetime | None, end: datetime | None, since: float,
+            until: datetime | None) -> tuple[str, list[Any]]:
+    """A subquery of the rows (tier, user_id, cost_usd) with period_start <= ts < min(period_end, since)."""
     upper = datetime.fromtimestamp(since, UTC)
     if end is not None and end.timestamp() < since:
         upper = end.astimezone(UTC)
-    if start is None:
-        return "ts < ?", [upper]
-    return "ts >= ? AND ts < ?", [start.astimezone(UTC), upper]
+    return spend_hours.source(start.astimezone(UTC) if start is not None else None, upper, until)
