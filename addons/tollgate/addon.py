@@ -253,9 +253,11 @@ class Gateway:
         client = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
         msg = u.message(self.policy.providers)
         if u.refused:
-            if req.method == "CONNECT":  # a proxy's answer, read by people (curl -v), not by SDKs
-                flow.response = http.Response.make(403, (msg + "\n").encode(),
-                                                   {"content-type": "text/plain; charset=utf-8"})
+            if req.method == "CONNECT":  # a proxy's answer: the reason phrase is what apps get to see
+                flow.response = http.Response.make(403, (msg + "\n").encode(), {
+                    "content-type": "text/plain; charset=utf-8",
+                    "proxy-status": "tollgate; error=http_request_denied"})  # RFC 9209
+                flow.response.reason = u.reason(self.policy.providers)
             else:  # absolute-form plain HTTP: the SDK reads the body, so the API's own error format
                 body, headers = prov.error_body(u.api.protocol or "openai", 403, "unmanaged_llm_host", msg)
                 flow.response = http.Response.make(403, body, headers)

@@ -100,6 +100,12 @@ class Unmanaged:
             return f'add providers.{name}: {{protocol: {self.api.protocol}, hosts: ["{h}"], api_key: ...}}'
         return f"tollgate cannot meter {name} (no adapter for its API); keep it off this gateway"
 
+    def reason(self, providers: dict) -> str:
+        """The 403's reason phrase. A CONNECT's body reaches no one (curl and the SDKs' HTTP clients drop it),
+        its status line does: curl -v prints it, httpx puts it in the ProxyError the SDK raises."""
+        return (f"Forbidden by tollgate: {self.hostport} is an LLM API the policy does not configure; "
+                f"{self.fix(providers)}, or set gateway.unmanaged_llm_hosts: allow")
+
     def message(self, providers: dict) -> str:
         head = (f"tollgate: {self.hostport} is an LLM API ({self.api.name}) that this gateway's policy does not "
                 f"configure, so its use would not be metered")
