@@ -1,9 +1,11 @@
 """The mitmproxy addon: hooks that wire tollgate's modules together, and nothing else.
 
+http_connect    a well-known LLM host the policy does not configure (llmhosts) → 403 or tunnel, ledger row
 requestheaders  provider by host (or the unified API) → credential → identity; the credential in the
                 flow is replaced by a redacted marker at once, so mitmweb never shows it
 request         request facts (model, stream, max tokens) → (unified: route by model prefix)
-                → rate limits → budget reservation → OpenAI streams asked for usage → real key in
+                → rate limits → budget reservation (an unpriced model under an enforcing budget: 403)
+                → OpenAI streams asked for usage → real key in
 responseheaders redact again; x-ratelimit-* headers; streamed answers get a StreamTap
 response/error  usage (provider-reported, else estimated off the loop) → cost → settle limits and
                 budget → ledger row → flow comment

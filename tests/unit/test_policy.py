@@ -68,6 +68,8 @@ def test_the_brief_config_loads_as_written(tmp_path):
 def test_shipped_policy_starts_without_any_env():
     pol = policy.load(ROOT / "policies.yaml", env={})
     assert set(pol.providers) >= {"openai", "anthropic", "gemini"}
+    # the metering-hole keys are shipped, at their closed defaults
+    assert pol.gateway.unmanaged_llm_hosts == "refuse" and pol.budgeting["unpriced"] == "refuse" and pol.logging
     assert all(p.api_key is None for p in pol.providers.values())
     assert pol.gateway.proxy_port == 8080 and pol.gateway.port == 8000
 
