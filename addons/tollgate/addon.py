@@ -60,7 +60,8 @@ _JSON_TYPES = (b"{", b"[")
 _JSON = {"content-type": "application/json"}
 _ZERO = Decimal(0)
 # Endpoint kinds that run a model and are billed by it: one of these without a model cannot be priced.
-_MODEL_CALLS = frozenset({"chat", "completions", "responses", "embeddings", "messages", "generate", "audio"})
+_MODEL_CALLS = frozenset({"chat", "completions", "responses", "embeddings", "messages", "generate", "audio",
+                          "realtime"})
 # Refusals: answered by the gateway itself (no time to first byte).
 _REFUSED = frozenset({"unauthorized", "gateway_error", "rate_limited", "budget_exceeded", "unpriced_model",
                       "unmanaged_host"})

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from standin import ANSWER
 
-from .harness import clean_env
+from .harness import clean_env, free_port
 from .test_controls import MSGS, PRICES, calls, gateways, use  # noqa: F401 (gateways is a fixture)
 from .test_security import TlsServer
 
@@ -103,6 +103,28 @@ def test_track_mode_budget_never_refuses(gateways, standin):
     rows = gw.rows(since=t0, wait_for=3)
     assert [r["outcome"] for r in rows] == ["ok"] * 3 and rows[0]["cost_usd"] is None
     assert calls(standin, model) == 1
+
+
+def test_unified_api_refuses_an_unpriced_model_too(make_gateway, standin):
+    port = free_port()
+
+    def update(p):
+        p["gateway"]["port"] = port
+        p["budgeting"] = {"global": {"limit_usd": 5}}
+
+    gw = make_gateway(update, extra_args=["--mode", f"reverse:http://tollgate.invalid:1@{port}"])
+    key = gw.create_key("eve", live=True)["key"]  # (its probe, GET /v1/models, is no model call: admitted)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    t0 = time.time()
+    with pytest.raises(openai.PermissionDeniedError) as ei:
+        client.chat.completions.create(model="anthropic:claude-unpriced-unified", messages=MSGS)
+    assert "'anthropic:claude-unpriced-unified'" in ei.value.message and "global budget" in ei.value.message
+    assert calls(standin, "claude-unpriced-unified") == 0
+    assert client.chat.completions.create(model="openai:gpt-4o-mini", messages=MSGS).choices[0].message.content \
+        == ANSWER
+    rows = gw.rows(since=t0, wait_for=2)
+    assert [(r["provider"], r["model"], r["outcome"]) for r in rows] == [
+        ("anthropic", "claude-unpriced-unified", "unpriced_model"), ("openai", "gpt-4o-mini", "ok")]
 
 
 # --- unmanaged LLM hosts ----------------------------------------------------------------------------------------
