@@ -10,6 +10,7 @@ intercepting mitmproxy could not have produced it).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import time
 
@@ -158,13 +159,20 @@ def test_unmanaged_llm_host_is_refused_at_connect_and_logged(make_gateway, monke
     rows = gw.rows("outcome = 'unmanaged_host'", since=t0, wait_for=2)
     assert [(r["endpoint"], r["provider"], r["status_code"], r["key_id"], r["cost_usd"]) for r in rows] == [
         ("api.cohere.ai:443", None, 403, None, None), ("contoso.openai.azure.com:443", None, 403, None, None)]
-    assert '"llm_api": "azure"' in rows[1]["metadata"].replace(" ", "").replace(":", ": ")
+    assert json.loads(rows[1]["metadata"]) == {"client": "127.0.0.1", "llm_api": "azure"}
     out = gw.output()
     warning = "api.cohere.ai:443 is an LLM API (cohere) that this gateway's policy does not configure"
     assert out.count(warning) == 1 and "contoso.openai.azure.com:443 is an LLM API (azure)" in out
     for _ in range(2):  # more connections from the same client within the minute: rows, no more warnings
         _curl(gw, "https://api.cohere.ai/v1/chat")
-    assert len(gw.rows("outcome = 'unmanaged_host'", since=t0, wait_for=4)) == 4
+    # Plain HTTP in absolute form (HTTP_PROXY): refused alike, in the API's error format, which the SDK reads.
+    plain = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{gw.port}",
+                            "http://api.perplexity.ai/chat/completions", "-d", "{}", "-w", "%{http_code}"],
+                           capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert plain.stdout.endswith("403"), plain
+    assert json.loads(plain.stdout[:-3])["error"]["code"] == "unmanaged_llm_host"
+    rows = gw.rows("outcome = 'unmanaged_host'", since=t0, wait_for=5)
+    assert [r["endpoint"] for r in rows[2:]] == ["api.cohere.ai:443", "api.cohere.ai:443", "api.perplexity.ai:80"]
     time.sleep(0.3)
     assert gw.output().count(warning) == 1
 
