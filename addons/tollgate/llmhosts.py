@@ -137,7 +137,9 @@ class UnmanagedHosts:
         api = lookup(host)
         if api is None:
             return None
-        h = host.lower().rstrip(".")
+        # Managed means intercepted: allow_hosts ignores case but not a trailing dot ("api.openai.com." is
+        # tunneled, so it is unmanaged here too).
+        h = host.lower()
         if f"{h}:{port}" in self.by_host or h in self.by_host:
             return None
         return Unmanaged(h, port, api, self.refuse)

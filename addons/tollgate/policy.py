@@ -110,7 +110,13 @@ class Policy:
 
     def provider_for(self, host: str, port: int) -> Provider | None:
         by = self.by_host
-        return by.get(f"{host}:{port}") or by.get(host)
+        found = by.get(f"{host}:{port}") or by.get(host)
+        if found is None and not host.islower():
+            # allow_hosts intercepts API.OpenAI.com too (it ignores case): unrecognised, its request would
+            # go out unmetered with the app's credential.
+            host = host.lower()
+            found = by.get(f"{host}:{port}") or by.get(host)
+        return found
 
     def secrets(self) -> list[str]:
         """Every real secret in the policy, for redaction filters."""

@@ -248,3 +248,12 @@ def test_absolute_form_plain_http_to_an_unmanaged_host(budgeted):
     assert f.response.status_code == 403
     assert json.loads(f.response.content)["error"]["code"] == "unmanaged_llm_host"
     assert [(r["outcome"], r["endpoint"]) for r in rows] == [("unmanaged_host", "api.perplexity.ai:80")]
+
+
+def test_a_provider_host_in_capitals_is_still_the_provider(gw):
+    g, _ = gw
+    f = openai_flow(REAL)  # a real key presented directly, to a host allow_hosts intercepts whatever its case
+    f.request.host = "API.OpenAI.com"
+    g.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 401
+    assert REAL not in str(f.request.headers)

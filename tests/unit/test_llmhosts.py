@@ -66,6 +66,13 @@ def test_configured_hosts_are_managed_the_rest_refused_with_the_key_to_add():
     assert "cannot meter bedrock" in bedrock.message(u.providers)
 
 
+def test_managed_means_intercepted_whatever_the_case_but_not_with_a_trailing_dot():
+    u = _gate("providers: {openai: {api_key: k}}")
+    assert u.check("API.OpenAI.com", 443) is None  # allow_hosts ignores case: intercepted
+    dotted = u.check("api.openai.com.", 443)  # allow_hosts does not match it: it would be tunneled
+    assert dotted.refused and dotted.hostport == "api.openai.com.:443"
+
+
 def test_a_provider_whose_hosts_replace_the_well_known_one_is_told_to_add_it():
     u = _gate("providers: {anthropic: {hosts: ['anthropic.internal'], api_key: k}}")
     assert 'add "api.anthropic.com" to providers.anthropic.hosts' in u.check("api.anthropic.com", 443).message(

@@ -136,6 +136,7 @@ def test_custom_provider_hosts_and_lookup():
     assert pol.provider_for("vllm.internal", 8000).name == "my-vllm"
     assert pol.provider_for("vllm.internal", 9000) is None
     assert pol.provider_for("api.openai.com", 443) is None  # only configured providers are intercepted
+    assert pol.provider_for("VLLM.Internal", 8000).name == "my-vllm"  # as allow_hosts, whatever the case
 
 
 def test_metering_hole_keys_default_to_closed():
