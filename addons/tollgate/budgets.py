@@ -2,8 +2,8 @@
 
 How a request meets its budgets (all on the event loop, O(budgets that apply), no I/O):
 
-    r = budgets.reserve(user, tier, worst_case_usd, now=request_start)   # before forwarding
-    if isinstance(r, Refusal): answer 429 insufficient_quota, r.message
+    r = budgets.reserve(user, tier, worst_case_usd, now=request_start)   # before forwarding (None: unpriced)
+    if isinstance(r, Refusal): answer 429 insufficient_quota, r.message (r.unpriced: 403, r.unpriced_message)
     ... forward ...
     alerts = budgets.settle(r, actual_usd)    # after the answer (or budgets.release(r) on error/abort)
     for a in alerts: sender.send(a)           # alerts.AlertSender: log + webhook, off the loop
@@ -31,8 +31,11 @@ falls in (the ledger's ``ts``), so pass ``now=`` the request's start to :meth:`B
 that straddles a period end is charged to the period it started in, exactly as a restart would recount it.
 Roll-over is lazy: the first access after a period's end resets spent and the alert marks.
 
-Unknown prices: ``settle(r, None)`` (the request could not be priced) adds nothing, exactly as the ledger's
-NULL ``cost_usd`` adds nothing on restart. Such requests are therefore not held back by budgets once admitted.
+Unknown prices fail closed: ``reserve(..., None)`` says the request cannot be priced (its model is in neither
+genai-prices nor ``budgeting.costs``). An enforcing budget refuses it (``Refusal.unpriced``), because its cost
+would count 0 and so could never be stopped; ``budgeting.unpriced: allow`` admits it holding nothing, and
+tracking budgets always do. ``settle(r, None)`` adds nothing, exactly as the ledger's NULL ``cost_usd`` adds
+nothing on restart.
 
 Thread-safety: meant for the event loop; a lock (held for a few microseconds) makes :meth:`apply_spend`
 from the ledger thread and :meth:`status` from anywhere safe as well.
@@ -55,9 +58,11 @@ from .config_error import ConfigError
 
 RESETS = ("daily", "weekly", "monthly", "never")
 MODES = ("enforce", "track")
+UNPRICED = ("refuse", "allow")
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
-_BUDGETING_KEYS = frozenset({"timezone", "default_max_output_tokens", "tiers", "global", "per_user", "costs"})
+_BUDGETING_KEYS = frozenset({"timezone", "default_max_output_tokens", "tiers", "global", "per_user", "costs",
+                             "unpriced"})
 _BUDGET_KEYS = frozenset({"limit_usd", "monthly_limit_usd", "reset", "mode", "alert_at"})
 _TIER_KEYS = _BUDGET_KEYS | {"name", "shared_users", "rate_limits"}
 _ALERTS_KEYS = frozenset({"webhook"})
@@ -300,12 +305,29 @@ class Refusal:
     estimate: Decimal
     limit: Decimal
     period_end: datetime | None  # None: the budget never resets
+    unpriced: bool = False  # refused because the request cannot be priced (budgeting.unpriced: refuse)
+
+    @property
+    def _what(self) -> str:
+        return {"tier": f"tier '{self.name}'", "global": "the gateway's global",
+                "user": f"user '{self.name}'"}[self.scope]
+
+    def unpriced_message(self, target: str | None) -> str:
+        """For an unpriced refusal: `target` is the "provider:model" asked for (None: the request names no model)."""
+        if target is None:
+            head = "this request names no model, so tollgate cannot price it"
+            fix = "name a model that has a price (or price it under budgeting.costs)"
+        else:
+            head = f"tollgate has no price for model '{target}' (neither genai-prices nor budgeting.costs knows it)"
+            fix = (f"add budgeting.costs entry '{target}' {{input_token: ..., output_token: ...}} (USD per 1K "
+                   f"tokens) to the gateway's policy")
+        return (f"{head}, and {self._what} budget is enforced, so its cost could not be counted: {fix}, or set "
+                f"budgeting.unpriced: allow to let unpriced requests through at $0")
 
     @property
     def message(self) -> str:
         """For the 429 body: safe to show (names a budget and amounts, nothing secret)."""
-        what = {"tier": f"tier '{self.name}'", "global": "the gateway's global",
-                "user": f"user '{self.name}'"}[self.scope]
+        what = self._what
         if self.spent >= self.limit:
             head = f"{what} budget is spent: ${_usd(self.spent)} of ${_usd(self.limit)}"
         else:
@@ -390,9 +412,10 @@ class SpendQuery:
 class Budgets:
     def __init__(self, tiers: dict[str, Tier], global_spec: BudgetSpec | None, per_user: BudgetSpec | None,
                  *, timezone: tzinfo = UTC, default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
-                 webhook: str | None = None, now: float | datetime | None = None):
+                 webhook: str | None = None, refuse_unpriced: bool = True, now: float | datetime | None = None):
         ts = _ts(now)
         self.tiers = tiers
+        self.refuse_unpriced = refuse_unpriced  # budgeting.unpriced: refuse (the default) | allow
         self.timezone = timezone
         self.default_max_output_tokens = default_max_output_tokens
         self.webhook = webhook  # may hold a secret token: never log it whole
@@ -423,6 +446,9 @@ class Budgets:
                 raise BudgetPolicyError(f"budgeting.{k}",
                                         f"unknown key (known: {', '.join(sorted(_BUDGETING_KEYS))})")
         tz = _timezone(b.get("timezone"))
+        unpriced = b.get("unpriced", "refuse")
+        if not isinstance(unpriced, str) or unpriced.lower() not in UNPRICED:
+            raise BudgetPolicyError("budgeting.unpriced", f"must be refuse or allow, not {unpriced!r}")
         dmot = b.get("default_max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
         if isinstance(dmot, bool) or not isinstance(dmot, int) or dmot < 1:
             raise BudgetPolicyError("budgeting.default_max_output_tokens",
@@ -464,7 +490,7 @@ class Budgets:
                 raise BudgetPolicyError(f"budgeting.{key}.limit_usd", "is required (or monthly_limit_usd)")
             specs.append(spec)
         return cls(tiers, specs[0], specs[1], timezone=tz, default_max_output_tokens=dmot,
-                   webhook=_webhook(alerts), now=now)
+                   webhook=_webhook(alerts), refuse_unpriced=unpriced.lower() == "refuse", now=now)
 
     def inherit(self, old: Budgets) -> None:
         """On a policy reload: take over the old instance's live state, so spend and reservations carry on.
@@ -543,15 +569,20 @@ class Budgets:
 
     # --- the hot path ------------------------------------------------------------------------------------------
 
-    def reserve(self, user_id: str, tier: str | None, estimate_usd: Decimal,
+    def reserve(self, user_id: str, tier: str | None, estimate_usd: Decimal | None,
                 now: float | datetime | None = None) -> Reservation | Refusal:
         """Hold `estimate_usd` (the request's worst-case cost) in every applicable budget, or refuse.
 
         An enforcing budget refuses when it is already spent (spent >= limit) or when spent + reserved +
         estimate would pass its limit; a tracking one never refuses but still holds the estimate, so
         `status()` shows what is in flight. Pass now= the request's start time (the ledger's ts).
+        `estimate_usd` None: the request cannot be priced; an enforcing budget refuses it (Refusal.unpriced)
+        unless budgeting.unpriced is allow, else it holds nothing.
         """
-        if estimate_usd < 0:
+        refuse_unpriced = False
+        if estimate_usd is None:
+            refuse_unpriced, estimate_usd = self.refuse_unpriced, _ZERO
+        elif estimate_usd < 0:
             raise ValueError("estimate_usd must be >= 0")
         ts = _ts(now)
         budgets = self.applicable(user_id, tier, ts)
@@ -559,8 +590,10 @@ class Budgets:
             for b in budgets:
                 if ts >= b._end_ts:
                     b._roll(ts)
-                if b.enforce and (b.spent >= b.limit or b.spent + b.reserved + estimate_usd > b.limit):
-                    return Refusal(b.id, b.scope, b.name, b.spent, b.reserved, estimate_usd, b.limit, b.period_end)
+                if b.enforce and (refuse_unpriced or b.spent >= b.limit
+                                  or b.spent + b.reserved + estimate_usd > b.limit):
+                    return Refusal(b.id, b.scope, b.name, b.spent, b.reserved, estimate_usd, b.limit, b.period_end,
+                                   refuse_unpriced)
             for b in budgets:
                 b.reserved += estimate_usd
             return Reservation(budgets, estimate_usd, tuple([b._end_ts for b in budgets]))

@@ -65,7 +65,9 @@ def bgw(tmp_path_factory, standin, confdir):
     d = tmp_path_factory.mktemp("badinput")
     pol = base_policy(standin.port, d / "usage.duckdb")
     pol["budgeting"] = {"tiers": [{"name": "bad", "limit_usd": 50, "shared_users": ["bad"]}],
-                        "costs": {"openai:*": {"input_token": 0.001, "output_token": 0.01}}}
+                        # every provider priced: odd bodies are the subject here, not unpriced models
+                        "costs": {f"{p}:*": {"input_token": 0.001, "output_token": 0.01}
+                                  for p in ("openai", "anthropic", "gemini")}}
     gw = Gateway(d, pol, confdir, ["--set", "termlog_verbosity=debug", "--set", "flow_detail=4"])
     gw.key = gw.create_key("bad")
     gw.start()
