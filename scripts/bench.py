@@ -1071,6 +1071,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s, few TTFT samples")
     mode.add_argument("--install", action="store_true", help="only install hey and nginx if missing (exit 2: cannot)")
     mode.add_argument("--ledger", action="store_true", help="Ledger writer throughput and event-loop lag")
+    mode.add_argument("--ledger-scale", action="store_true", help="the ledger at 1M, 10M and 30M rows: landings "
+                      "at and off a row-group boundary, writer RSS, start-up recount, usage, budgets "
+                      "(scripts/bench_ledger_scale.py)")
     mode.add_argument("--soak", type=int, nargs="?", const=100_000, metavar="N",
                       help="N requests through tollgate (default 100000): RSS growth and open fds")
     mode.add_argument("--profile", metavar="DIR", help="py-spy record tollgate under c=8 load into DIR")
@@ -1102,7 +1105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, ledger)")
     a = ap.parse_args(argv)
-    if a.floor and (a.install or a.ledger or a.soak or a.profile or a.hooks):
+    if a.floor and (a.install or a.ledger or a.soak or a.profile or a.hooks or a.ledger_scale):
         ap.error("--floor replaces tollgate in the comparison: use it alone or with --quick, --pin, --rounds")
     if a.rounds is None:
         a.rounds = 5 if a.hooks else 12
@@ -1115,7 +1118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     cmd = "scripts/bench" + "".join(" " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
-    tools = None if a.ledger or a.hooks else ensure_tools()
+    tools = None if a.ledger or a.hooks or a.ledger_scale else ensure_tools()
     if a.pin:
         pin_proxies()
     if a.install:
@@ -1129,6 +1132,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.ledger:
             text, raw = ledger_mode(a, d)
             ok = raw["ok"]
+        elif a.ledger_scale:
+            import bench_ledger_scale
+
+            raw = bench_ledger_scale.run(d, (1_000_000,) if a.quick else bench_ledger_scale.SIZES)
+            text, ok = bench_ledger_scale.report(raw, cmd, env), raw["ok"]
         elif a.soak:
             text, raw = soak_mode(a, tools, d)
             ok = raw["ok"]

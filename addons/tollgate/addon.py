@@ -50,7 +50,10 @@ log = logging.getLogger("tollgate")
 
 REDACTED = "tollgate-redacted"
 POLICY_POLL = 1.0  # seconds between checks of policies.yaml for edits
-SPEND_WAIT = 10.0  # how long requests wait at start for budget spend to be read from the ledger
+# How long a request under an enforcing budget waits at start for the budget's spend to be read from the
+# ledger before it is refused (503): never admitted against a spend counted from zero.
+SPEND_WAIT = 10.0
+SPEND_RETRY = 2.0  # seconds between attempts to read it when the ledger failed
 BIG_BODY = 256 * 1024  # JSON bodies above this are parsed on a worker thread, not the event loop
 # Answers above this are metered from their usage and model members alone (providers.metering_fields):
 # below it a whole parse is as cheap (measured: 5.5 µs whole vs 11.5 µs for a 363-byte chat answer; a
@@ -79,7 +82,10 @@ class Gateway:
         self.unmanaged = UnmanagedHosts()
         self._estimator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-estimate")
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tollgate-io")
-        self._spend: tuple[Any, Future] | None = None  # (SpendQuery, future rows) until applied
+        self._spend: Future | None = None  # budgets' period spend being read from the ledger, until applied
+        self._spend_event: asyncio.Event | None = None  # set when it has been applied
+        self._spend_error: str | None = None  # why the last attempt failed
+        self._spend_task: asyncio.Task | None = None
         self._policy_sig: tuple | None = None
         self._watcher: asyncio.Task | None = None
         self._models_cache: dict[str, tuple[float, list[str]]] = {}
@@ -130,12 +136,13 @@ class Gateway:
                 self.ledger.stop()
             self.ledger = Ledger(str(pol.database), flush_interval=_seconds(ctx.options.tollgate_flush_interval),
                                  on_keys=self.auth.set_keys)
+            self.ledger.error_level = _error_level
             self.ledger.start()
         if old is not None and old.alerts is not None and old.alerts is not controls.alerts:
             old.stop()
-        q = controls.budgets.spend_query()
-        if q is not None:  # budgets recount their period's spend from the ledger, on its own thread
-            self._spend = (q, self.ledger.query(q.sql, q.params))
+        if controls.budgets.spend_query() is not None:  # budgets recount their period's spend from the ledger
+            self._spend = self.ledger.call(controls.budgets.fetch_spend)  # (on the ledger's thread)
+            self._start_spend_task()
         missing = [p.name for p in pol.providers.values() if not p.api_key]
         log.info("tollgate: policy %s: providers %s%s; ledger %s", pol.path, ", ".join(pol.providers),
                  f" (no real key yet: {', '.join(missing)})" if missing else "", pol.database)
@@ -148,7 +155,9 @@ class Gateway:
             # pause for every request in flight (measured under load). Frozen, collections skip it.
             gc.collect()
             gc.freeze()
-        await self._spend_loaded()
+        # Not awaited: a big or locked ledger must not hold up the start (mitmproxy gives up on a start that
+        # logs an error); requests under enforcing budgets wait for it instead (_spend_known).
+        self._start_spend_task()
 
     def done(self) -> None:
         # Flows still in flight hold the real key (from `request` until the answer's headers). mitmproxy's Save
@@ -203,21 +212,65 @@ class Gateway:
             self._apply(new, controls)
             log.info("tollgate: policy reloaded from %s", new.path)
 
-    async def _spend_loaded(self) -> None:
-        """Budgets must know the period's spend before they admit anything (restarts keep refusing)."""
-        pending = self._spend
-        if pending is None:
-            return
-        q, fut = pending
+    def _start_spend_task(self) -> None:
         try:
-            rows = await asyncio.wait_for(asyncio.wrap_future(fut), SPEND_WAIT)
-        except Exception as e:
-            log.error("tollgate: could not read budget spend from the ledger (%s); budgets count from now", e)
-            rows = []
-        if self._spend is pending:
-            self._spend = None
-            for alert in self.controls.budgets.apply_spend(q, rows):
-                self.controls.alerts.send(alert)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # configure() before the event loop runs: running() starts it
+            return
+        if self._spend_event is None:
+            self._spend_event = asyncio.Event()
+        if self._spend is not None and (self._spend_task is None or self._spend_task.done()):
+            self._spend_event.clear()
+            self._spend_task = loop.create_task(self._load_spend())
+
+    async def _load_spend(self) -> None:
+        """Apply the budgets' period spend once the ledger thread has read it; retry while it fails."""
+        while (fut := self._spend) is not None:
+            try:
+                got = await asyncio.wrap_future(fut)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self._spend is not fut:
+                    continue  # a reload asked again meanwhile
+                self._spend_error = str(e).strip().split("\n", 1)[0][:300]
+                log.warning("tollgate: could not read budget spend from the ledger (%s); enforcing budgets "
+                            "admit nothing until it is read, retrying in %gs", self._spend_error, SPEND_RETRY)
+                await asyncio.sleep(SPEND_RETRY)
+                if self._spend is fut and self.ledger is not None and self.controls is not None:
+                    self._spend = self.ledger.call(self.controls.budgets.fetch_spend)
+                continue
+            if self._spend is not fut:
+                continue
+            self._spend = self._spend_error = None
+            if got is not None:
+                for alert in self.controls.budgets.apply_spend(*got):
+                    self.controls.alerts.send(alert)
+        if self._spend_event is not None:
+            self._spend_event.set()
+
+    async def _spend_known(self, flow: http.HTTPFlow, ex: Exchange) -> bool:
+        """Whether this request may be admitted: False (refused with a 503) when an enforcing budget of its
+        still does not know its period's spend after SPEND_WAIT. Other requests never wait."""
+        ident = ex.identity
+        if ident is None or self.controls.budgets.spend_unknown(ident.user_id, ex.tier) is None:
+            return True
+        self._start_spend_task()  # (if configure() ran before the loop did)
+        if self._spend_event is not None:
+            try:
+                await asyncio.wait_for(self._spend_event.wait(), SPEND_WAIT)
+            except TimeoutError:
+                pass
+        b = self.controls.budgets.spend_unknown(ident.user_id, ex.tier)
+        if b is None:
+            return True
+        why = self._spend_error or (f"the ledger is busy: {self.ledger.problem}" if self.ledger and
+                                    self.ledger.problem else "the ledger has not answered yet")
+        self._refuse(flow, ex, 503, "budget_spend_unknown", "gateway_error",
+                     f"tollgate has not read this period's spend of budget {b.id!r} from the ledger yet ({why}); "
+                     f"an enforcing budget admits nothing until it knows it. Retry shortly.",
+                     headers={"retry-after": "5"})
+        return False
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -332,8 +385,8 @@ class Gateway:
         ex = self.live.get(flow.id)
         if ex is None or flow.response is not None:
             return
-        if self._spend is not None:
-            await self._spend_loaded()
+        if self._spend is not None and not await self._spend_known(flow, ex):
+            return
         req = flow.request
         ex.body_size = len(req.raw_content or b"")
         if ex.body_size > BIG_BODY:  # a 20 MB prompt would stall every other request while parsed
@@ -641,10 +694,17 @@ class Gateway:
         if path == "/health":
             return http.Response.make(200, b'{"status":"ok"}', _JSON)
         ledger_ok = self.ledger is not None and self.ledger.healthy()
-        ready = self.policy is not None and ledger_ok
+        spend_ok = self._spend is None
+        ready = self.policy is not None and ledger_ok and spend_ok
         body = {"status": "ready" if ready else "not_ready", "policy": "loaded" if self.policy else "missing",
                 "ledger": "ok" if ledger_ok else "failing",
-                "ledger_pending_rows": self.ledger.pending if self.ledger else None}
+                "ledger_pending_rows": self.ledger.pending if self.ledger else None,
+                "budget_spend": "loaded" if spend_ok else "loading"}
+        reasons = [r for r in (self.ledger.problem if self.ledger and not ledger_ok else None,
+                               None if spend_ok else f"budget spend not read from the ledger yet"
+                               + (f": {self._spend_error}" if self._spend_error else "")) if r]
+        if reasons:
+            body["reason"] = "; ".join(reasons)
         return http.Response.make(200 if ready else 503, json.dumps(body), _JSON)
 
     # --- helpers --------------------------------------------------------------------------------
@@ -763,6 +823,15 @@ class Gateway:
             log.info("tollgate: %s %s %s: %s", ex.outcome, where, ex.endpoint, ex.error or ex.status_code)
         if self.ledger is not None:
             self.ledger.record(ex.row())
+
+
+def _error_level() -> int:
+    """ERROR, but WARNING while mitmproxy's start-up check is watching: it exits on any error logged then,
+    and a ledger that cannot be written must not stop the gateway (it serves, rows wait in the spool)."""
+    for h in logging.getLogger().handlers:
+        if type(h).__name__ == "ErrorCheckHandler":
+            return logging.WARNING
+    return logging.ERROR
 
 
 def _file_sig(path) -> tuple | None:

@@ -53,7 +53,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from . import spend_hours
+from . import totals
 from .config_error import ConfigError
 
 RESETS = ("daily", "weekly", "monthly", "never")
@@ -666,7 +666,7 @@ class Budgets:
 
         Each budget counts ledger rows with period_start <= ts < min(period_end, since), `since` being when
         it began counting live, so rows are never counted twice even if traffic ran before the load.
-        `until`: the ledger's hourly-totals watermark (spend_hours.until), below which whole hours are read
+        `until`: the ledger's hourly-totals watermark (totals.until), below which whole hours are read
         from the totals instead of the rows. None when everything is loaded.
         """
         ts = _ts(now)
@@ -746,7 +746,7 @@ class Budgets:
     def fetch_spend(self, con, now: float | datetime | None = None) -> tuple[SpendQuery, list] | None:
         """Run spend_query on a DuckDB connection whose default catalog is the ledger (blocking: not on the
         loop); the rows are for :meth:`apply_spend`. None when everything is loaded."""
-        q = self.spend_query(now, spend_hours.until(con))
+        q = self.spend_query(now, totals.until(con))
         if q is None:
             return None
         return q, con.execute(q.sql, q.params).fetchall()
@@ -771,4 +771,4 @@ def _window(start: datetime | None, end: datetime | None, since: float,
     upper = datetime.fromtimestamp(since, UTC)
     if end is not None and end.timestamp() < since:
         upper = end.astimezone(UTC)
-    return spend_hours.source(start.astimezone(UTC) if start is not None else None, upper, until)
+    return totals.source(start.astimezone(UTC) if start is not None else None, upper, until)

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import duckdb
 
 from . import keys as vkeys
+from . import totals
 from .ledger import LedgerError, connect
 
 DEFAULT_POLICY = "policies.yaml"
@@ -374,7 +375,7 @@ _USAGE_GROUPS: dict[str, tuple[str, str, str]] = {
     "user": ("user_id AS user", "user_id", "cost_usd DESC NULLS LAST, requests DESC, user"),
     "model": ("provider, model", "provider, model", "cost_usd DESC NULLS LAST, requests DESC, provider, model"),
     "key": ("key_id, any_value(user_id) AS user", "key_id", "cost_usd DESC NULLS LAST, requests DESC, key_id"),
-    "day": ("CAST(timezone('UTC', ts) AS DATE) AS day", "1", "day"),
+    "day": ("day", "day", "day"),
     "tier": ("tier", "tier", "cost_usd DESC NULLS LAST, requests DESC, tier"),
 }
 
@@ -392,15 +393,17 @@ def _since(text: str | None) -> datetime | None:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
-def usage_query(by: str, since: datetime | None) -> tuple[str, list]:
+def usage_query(by: str, since: datetime | None, until: datetime | None = None) -> tuple[str, list]:
+    """The report's SQL: over the ledger's daily totals below their watermark `until` and the rows since
+    (totals.usage_source), so it stays fast at any size."""
     select, group, order = _USAGE_GROUPS[by]
-    where, params = ("WHERE ts >= ?", [since]) if since else ("", [])
+    src, params = totals.usage_source(since, until)
     sql = (
-        f"SELECT {select}, count(*) AS requests,"
+        f"SELECT {select}, coalesce(sum(requests), 0)::BIGINT AS requests,"
         " coalesce(sum(input_tokens), 0)::BIGINT AS input_tokens,"
         " coalesce(sum(output_tokens), 0)::BIGINT AS output_tokens,"
         " sum(cost_usd) AS cost_usd"
-        f" FROM requests {where} GROUP BY {group} ORDER BY {order}"
+        f" FROM {src} GROUP BY {group} ORDER BY {order}"
     )
     return sql, params
 
@@ -432,9 +435,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         else:
             print(f"no requests yet (no ledger at {path})", file=sys.stderr)
         return 0
-    sql, params = usage_query(args.by, since)
     con, _ = _open(args, read_only=True)
     try:
+        sql, params = usage_query(args.by, since, totals.until(con))
         result = con.execute(sql, params)
         headers = [d[0] for d in result.description]
         rows = result.fetchall()

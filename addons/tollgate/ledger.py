@@ -50,7 +50,7 @@ try:  # Rust JSON encoder, ~6x json.dumps per row; pydantic (which genai-prices 
 except ImportError:  # pragma: no cover - the row fast path then uses json.dumps
     _rust_json = None
 
-from . import spend_hours
+from . import totals
 from .keys import KeyRecord, keys_signature, load_keys
 
 log = logging.getLogger("tollgate.ledger")
@@ -107,10 +107,10 @@ _DDL = (
         revoked_at TIMESTAMPTZ,
         metadata JSON,
         tier VARCHAR)""",
-    spend_hours.DDL,
+    *totals.DDL,
 )
 
-_SUMS = """count(*) AS requests,
+_SUMS = """coalesce(sum(requests), 0)::BIGINT AS requests,
     coalesce(sum(input_tokens), 0)::BIGINT AS input_tokens,
     coalesce(sum(cached_input_tokens), 0)::BIGINT AS cached_input_tokens,
     coalesce(sum(cache_write_tokens), 0)::BIGINT AS cache_write_tokens,
@@ -118,25 +118,24 @@ _SUMS = """count(*) AS requests,
     coalesce(sum(reasoning_tokens), 0)::BIGINT AS reasoning_tokens,
     sum(cost_usd) AS cost_usd"""
 
-# Views for the common audits. Days are UTC days whatever the reader's TimeZone setting, found by integer
-# arithmetic on the epoch: CAST(timezone('UTC', ts) AS DATE) went through ICU for every row (1.2 s at 30M).
-_UTC_DAY = "(DATE '1970-01-01' + CAST(epoch_us(ts) // 86400000000 AS INTEGER))"
-_SPEND_BY_DAY = (f"SELECT {_UTC_DAY} AS day, {_SUMS} FROM requests GROUP BY day ORDER BY day")
+# Views for the common audits, over usage_rows (the daily totals below their watermark and the rows above it,
+# see totals.py): the same sums as over every row, in milliseconds at any size. Days are UTC days.
 _VIEWS = (
-    f"CREATE VIEW IF NOT EXISTS spend_by_user AS SELECT user_id, {_SUMS} FROM requests"
+    totals.USAGE_ROWS_VIEW,
+    f"CREATE OR REPLACE VIEW spend_by_user AS SELECT user_id, {_SUMS} FROM usage_rows"
     " GROUP BY user_id ORDER BY cost_usd DESC NULLS LAST, user_id",
-    f"CREATE VIEW IF NOT EXISTS spend_by_model AS SELECT provider, model, {_SUMS} FROM requests"
+    f"CREATE OR REPLACE VIEW spend_by_model AS SELECT provider, model, {_SUMS} FROM usage_rows"
     " GROUP BY provider, model ORDER BY cost_usd DESC NULLS LAST, provider, model",
-    f"CREATE VIEW IF NOT EXISTS spend_by_key AS SELECT key_id, any_value(user_id) AS user_id, {_SUMS}"
-    " FROM requests GROUP BY key_id ORDER BY cost_usd DESC NULLS LAST, key_id",
-    f"CREATE VIEW IF NOT EXISTS spend_by_day AS {_SPEND_BY_DAY}",
+    f"CREATE OR REPLACE VIEW spend_by_key AS SELECT key_id, any_value(user_id) AS user_id, {_SUMS}"
+    " FROM usage_rows GROUP BY key_id ORDER BY cost_usd DESC NULLS LAST, key_id",
+    f"CREATE OR REPLACE VIEW spend_by_day AS SELECT day, {_SUMS} FROM usage_rows GROUP BY day ORDER BY day",
 )
 
 # Migrations from version N to N+1 go here as {N: (sql, ...)}; ensure_schema applies them in order.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
-    # 2: hourly spend totals for fast budget recounts (filled in by the writer, from the oldest row on);
-    # spend_by_day without a per-row time zone conversion.
-    1: (spend_hours.DDL, f"CREATE OR REPLACE VIEW spend_by_day AS {_SPEND_BY_DAY}"),
+    # 2: totals for fast budget recounts and reports (filled in by the writer, from the oldest row on), and
+    # the views over them.
+    1: (*totals.DDL, *_VIEWS),
 }
 
 
@@ -556,7 +555,7 @@ def _rows_sql(dedup: bool, anti: bool = True) -> str:
 # [dedup, anti] -> (the insert, the statement that adds the chunk's rows below the hourly totals' watermark)
 _INSERTS = {(d, a): f"INSERT INTO {_ALIAS}.requests ({_COLS}) {_rows_sql(d, a)}"
             for d in (False, True) for a in (False, True)}
-_LATE = {(d, a): spend_hours.late_sql(_ALIAS, _rows_sql(d, a)) for d in (False, True) for a in (False, True)}
+_LATE = {(d, a): totals.late_sql(_ALIAS, _rows_sql(d, a)) for d in (False, True) for a in (False, True)}  # 2 each
 _ORPHAN = re.compile(r"\.\d+")  # the '.<pid>' of a fallback spool
 
 
@@ -686,7 +685,7 @@ class Ledger:
         self._halvings = 0  # of LAND_BYTES, after DuckDB ran out of memory on a chunk (huge rows)
         self._memory_mb = self.MEMORY_MB
         self.temp_dir = self.path + ".tmp"
-        # Hourly totals (spend_hours): the oldest ts among this run's unlanded rows tells whether a landing
+        # Totals (totals.py): the oldest ts among this run's unlanded rows tells whether a landing
         # may hold rows below the watermark; when the watermark may move next (monotonic).
         self._spool_min_ts = math.inf
         self._advance_at = 0.0
@@ -868,7 +867,9 @@ class Ledger:
             self._refresh_keys()
         elif now >= self._advance_at and self._schema_ok and not stopping and now >= self._retry_at:
             self._advance(now)
-        if self._queries and self._schema_ok and not self._replay:
+        # Reads wait for an earlier run's rows (a recount without them would undercount), not for a write:
+        # while a reader holds the file they still run, read-only, if the file's schema is current.
+        if self._queries and not self._replay and os.path.exists(self.path) and (self._schema_ok or self._fails):
             self._run_queries()
 
     def _run_queries(self) -> None:
@@ -889,6 +890,10 @@ class Ledger:
                     self._queries[:0] = queries
             return
         try:
+            if not self._schema_ok and not self._schema_current():  # a write must migrate it first
+                with self._lock:
+                    self._queries[:0] = queries
+                return
             for sql, params, fut in queries:
                 try:
                     if callable(sql):
@@ -899,6 +904,14 @@ class Ledger:
                     fut.set_exception(exc)
         finally:
             self._detach()
+
+    def _schema_current(self) -> bool:
+        try:
+            row = self._mem.execute(  # type: ignore[union-attr]
+                "SELECT value FROM tollgate_meta WHERE key = 'schema_version'").fetchone()
+        except duckdb.Error:
+            return False
+        return bool(row) and row[0] == str(SCHEMA_VERSION)
 
     def _keys_due(self, now: float) -> bool:
         if self._on_keys is None:
@@ -1280,14 +1293,15 @@ class Ledger:
         mem = self._mem
         assert mem is not None
         variant = (not self._ids_exact, not self._fresh)
-        if self._fresh and self._spool_min_ts >= spend_hours.floor_hour(time.time() - spend_hours.LAG).timestamp():
+        if self._fresh and self._spool_min_ts >= totals.floor_hour(time.time() - totals.LAG).timestamp():
             mem.execute(_INSERTS[variant], [path])
             return
         mem.execute("BEGIN")
         try:
-            wm = spend_hours.until(mem, _ALIAS)
+            wm = totals.until(mem, _ALIAS)
             if wm is not None:
-                mem.execute(_LATE[variant], [path, wm])
+                for sql in _LATE[variant]:
+                    mem.execute(sql, [path, wm])
             mem.execute(_INSERTS[variant], [path])
             mem.execute("COMMIT")
         except BaseException:
@@ -1311,14 +1325,14 @@ class Ledger:
                 mem.execute("BEGIN")  # one commit per round, however many steps a catch-up takes in it
                 try:
                     while True:
-                        wm = spend_hours.until(mem, _ALIAS)
-                        sql, params = spend_hours.next_row_sql(_ALIAS, wm)
-                        step = spend_hours.advance_sql(_ALIAS, wm, mem.execute(sql, params).fetchone()[0], wall)
+                        wm = totals.until(mem, _ALIAS)
+                        sql, params = totals.next_row_sql(_ALIAS, wm)
+                        step = totals.advance_sql(_ALIAS, wm, mem.execute(sql, params).fetchone()[0], wall)
                         if step is not None:
                             for sql, params in step[0]:
                                 mem.execute(sql, params)
-                        if step is None or step[1] >= spend_hours.floor_hour(wall - spend_hours.LAG):
-                            self._advance_at = now + (spend_hours.HOUR - wall % spend_hours.HOUR) + 1.0
+                        if step is None or step[1] >= totals.floor_hour(wall - totals.LAG):
+                            self._advance_at = now + (totals.HOUR - wall % totals.HOUR) + 1.0
                             break
                         if time.perf_counter() - t0 >= self.ADVANCE_BUDGET:
                             self._advance_at = now  # more to catch up: the next idle round

@@ -975,3 +975,35 @@ def test_a_request_recorded_again_after_its_landing_is_dropped(db, caplog):
         led.stop()
     assert count(db) == (2, 2)
     assert "repeated the request_id" in caplog.text
+
+
+# --- at size ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_writer_lands_across_many_row_group_boundaries(tmp_path, caplog):
+    """500,000 rows in small landings onto a ledger laid out the old way (122,880-row groups, the second one
+    600 rows short): every landing lands, across the old boundary and thirty of the writer's own."""
+    db = str(tmp_path / "big.duckdb")
+    con = duckdb.connect(db)
+    ensure_schema(con)
+    con.execute("INSERT INTO requests (request_id, ts, outcome) SELECT printf('old%029x', i), now(), 'ok'"
+                " FROM range(245160) t(i)")
+    con.close()
+    led = Ledger(db, flush_interval=0.01, land_interval=0.01)
+    led.start()
+    slowest = 0.0
+    try:
+        with caplog.at_level(logging.WARNING, "tollgate.ledger"):
+            for batch in range(500):
+                for j in range(1000):
+                    led.record(make_row(batch * 1000 + j))
+                before = led.stats["write_seconds"]
+                assert led.flush(30), f"landing {batch} did not land: {led.problem}"
+                slowest = max(slowest, led.stats["write_seconds"] - before)
+        assert led.problem is None and led.healthy()
+    finally:
+        led.stop()
+    assert "failed" not in caplog.text
+    assert count(db) == (745160, 745160)
+    print(f"\n[ledger] 500 landings of 1000 rows across the boundaries: slowest held the file {slowest * 1000:.0f} ms")
