@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ class CliError(Exception):
 # --- the policy, read minimally (to be replaced by the real policy loader) -------------------------------------
 
 
+@functools.cache  # once per command: validating a policy imports the price table (~0.3 s)
 def load_policy(policy_file: str):
     """The policy through the gateway's own loader, so the CLI and the gateway agree on every path.
 

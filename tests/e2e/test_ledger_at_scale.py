@@ -122,3 +122,33 @@ def test_reader_holding_the_ledger_through_a_start(tmp_path, standin, confdir, m
     assert served < 10, "requests waited for the reader"
     assert len(rows) == 2
     assert "Error logged during startup" not in gw.output()
+
+
+def test_a_ledger_that_cannot_be_written_at_start_never_stops_the_gateway(tmp_path, standin, confdir, monkeypatch):
+    """A broken ledger file at start: the gateway still starts and serves, says why on /health/ready, keeps the
+    rows in its spool, and lands them once the file is fixed."""
+    pol = base_policy(standin.port, tmp_path / "gw" / "usage.duckdb")
+    gw = Gateway(tmp_path / "gw", pol, confdir)
+    key = gw.create_key("alice")
+    keys_db = tmp_path / "keys.duckdb"
+    gw.db.rename(keys_db)  # keep the keys aside; the ledger the gateway opens is garbage
+    gw.db.write_text("this is not a duckdb file")
+    gw.start()
+    try:
+        status, body = health(gw)
+        assert status == 503 and body["ledger"] == "failing" and "reason" in body, body
+        gw.db.unlink()
+        keys_db.rename(gw.db)  # the operator puts the right file back
+        app_env(gw, monkeypatch)
+        gw.wait_key(key["key"], timeout=30)
+        openai.OpenAI(api_key=key["key"], max_retries=0).chat.completions.create(model="gpt-4o-mini-back",
+                                                                                 messages=MSGS)
+        rows = settled_rows(gw, "model = 'gpt-4o-mini-back'", timeout=30)
+        status, body = health(gw)
+    finally:
+        gw.stop()
+    assert len(rows) == 1
+    assert status == 200, body
+    out = gw.output()
+    assert "Error logged during startup" not in out
+    assert "landing again after" in out

@@ -1007,3 +1007,30 @@ def test_writer_lands_across_many_row_group_boundaries(tmp_path, caplog):
     assert "failed" not in caplog.text
     assert count(db) == (745160, 745160)
     print(f"\n[ledger] 500 landings of 1000 rows across the boundaries: slowest held the file {slowest * 1000:.0f} ms")
+
+
+def test_a_failed_checkpoint_is_said_once_and_a_fresh_duckdb_lands_it(ledger, db, monkeypatch, caplog):
+    """DuckDB's own failure at the old row-group boundary: the insert commits, the DETACH's checkpoint fails
+    and invalidates the database. One ERROR line; a fresh DuckDB with twice the memory lands the rows (once)."""
+    real = ledger._mem
+    failed = []
+
+    def seen(sql):
+        if "DETACH" in sql and not failed and ledger._spool_rows:
+            failed.append(sql)
+            real.execute(sql)  # the detach happens, then its checkpoint "fails"
+            raise duckdb.IOException("IO Error: Detached database 'tg_ledger', but CHECKPOINT during DETACH "
+                                     "failed. Checkpoint failed: The database has been invalidated. Original "
+                                     "error: could not allocate block of size 256.0 KiB\nPossible solutions: ...")
+
+    monkeypatch.setattr(ledger, "_mem", _Spy(real, seen))
+    with caplog.at_level(logging.INFO, "tollgate.ledger"):
+        for i in range(5):
+            ledger.record(make_row(i))
+        assert ledger.flush(15)
+    assert failed and ledger._memory_mb == 2 * Ledger.MEMORY_MB and ledger.problem is None
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "retrying with 128 MB" in errors[0].getMessage()
+    assert "Possible solutions" not in caplog.text  # one line, not DuckDB's page of advice
+    assert "landing again after 1 failed attempt" in caplog.text
+    assert count(db) == (5, 5)  # the rows the failed landing had committed are not inserted twice
