@@ -41,8 +41,19 @@ class CliError(Exception):
 # --- the policy, read minimally (to be replaced by the real policy loader) -------------------------------------
 
 
-@functools.cache  # once per command: validating a policy imports the price table (~0.3 s)
 def load_policy(policy_file: str):
+    """The policy (see _load_policy), read once per command while its file and the environment stay as they
+    are: validating one imports the price table (~0.3 s), and a command may need it twice."""
+    try:
+        st = os.stat(policy_file)
+        sig: tuple = (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        sig = ()
+    return _load_policy(policy_file, (os.getcwd(), *sig), tuple(sorted(os.environ.items())))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_policy(policy_file: str, _sig: tuple, _env: tuple):
     """The policy through the gateway's own loader, so the CLI and the gateway agree on every path.
 
     Data commands do not need provider keys, so an unset ``${VAR}`` reads as empty here instead of
