@@ -1185,6 +1185,10 @@ class Standin:
                 return
             u = expected_usage(RESPONSES, body, model)
             events = responses_ws_events(body, model, u)
+            if body.get("generate") is False:  # a prewarm (Codex sends one first): input read, nothing generated
+                done = events[-1]["response"]
+                done.update(output=[], usage=_responses_usage({**u, "output_tokens": 0, "reasoning_tokens": 0}))
+                events = [events[0], events[-1]]
             if k.no_usage:
                 events[-1]["response"]["usage"] = None
             for i, obj in enumerate(events):
