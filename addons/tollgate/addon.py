@@ -157,7 +157,7 @@ class Gateway:
             self._finish(flow, ex, time.time())
         self.flows.clear()
         for flow, s in list(self.sessions.values()):
-            self._end_session(flow, s, "client_aborted", "the gateway shut down during the turn", estimate=False)
+            self._end_session(flow, s, "client_aborted", "the gateway shut down during the turn")
         self.sessions.clear()
         for task in (self._watcher, self._sweeper):
             if task is not None:
@@ -482,33 +482,48 @@ class Gateway:
 
     # --- WebSocket sessions: every response.create is a turn, admitted and recorded like a request -----------
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
+    def websocket_message(self, flow: http.HTTPFlow):
+        # Sync (every server delta passes here), except for a large client event: that returns a coroutine,
+        # which mitmproxy awaits before relaying, so the JSON is parsed off the loop, as for a large POST.
         entry = self.sessions.get(flow.id)
         if entry is None or flow.websocket is None:
-            return
+            return None
         msg = flow.websocket.messages[-1]
         if msg.injected:  # our own error events
-            return
+            return None
         s = entry[1]
         if msg.from_client:
+            if len(msg.content) > BIG_BODY and msg.is_text:
+                return self._large_client_event(flow, s, msg)
             try:
                 self._client_event(flow, s, msg)
-            except Exception:  # fail closed: a turn the gateway could not admit is not forwarded
-                log.exception("tollgate: websocket_message hook failed; the client event is dropped")
-                msg.drop()
-                self._inject(flow, wsturns.error_event(s.mode, 500, {
-                    "type": "server_error", "code": "gateway_error",
-                    "message": "tollgate could not process this event; it was not forwarded"}))
-            return
+            except Exception:
+                self._client_event_failed(flow, s, msg)
+            return None
         try:
-            step = s.server_event(msg.content, time.time())
+            step = s.server_event(msg.content)
             if step is not None:
                 self._server_step(flow, s, step)
         except Exception:  # the event is relayed; its turn is billed when it ends or the socket does
             log.exception("tollgate: reading a server WebSocket event failed")
 
-    def _client_event(self, flow: http.HTTPFlow, s: wsturns.Session, msg) -> None:
-        ev = wsturns.read_client(msg.content, msg.is_text, s.mode)
+    async def _large_client_event(self, flow: http.HTTPFlow, s: wsturns.Session, msg) -> None:
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self._io, prov.loads, msg.content)
+            self._client_event(flow, s, msg, data)
+        except Exception:
+            self._client_event_failed(flow, s, msg)
+
+    def _client_event_failed(self, flow: http.HTTPFlow, s: wsturns.Session, msg) -> None:
+        """Fail closed: a turn the gateway could not admit is not forwarded."""
+        log.exception("tollgate: websocket_message hook failed; the client event is dropped")
+        msg.drop()
+        self._inject(flow, wsturns.error_event(s.mode, 500, {
+            "type": "server_error", "code": "gateway_error",
+            "message": "tollgate could not process this event; it was not forwarded"}))
+
+    def _client_event(self, flow: http.HTTPFlow, s: wsturns.Session, msg, data: Any = wsturns._UNPARSED) -> None:
+        ev = wsturns.read_client(msg.content, msg.is_text, s.mode, data)
         if ev is None:
             return  # not a turn (session.update, audio, item edits...): forwarded as it is
         if ev.error is not None:
@@ -574,18 +589,17 @@ class Gateway:
             rid = step.unsolicited.get("id") if isinstance(step.unsolicited.get("id"), str) else None
             refusal = self._admit_turn(flow, s, turn)
             s.adopt(turn, rid)
-            if refusal is not None:
+            if refusal is not None:  # too late to keep it from the provider: stop it, and bill what it produced
                 self._inject(flow, refusal)
                 if rid and s.mode == wsturns.REALTIME:
                     self._inject(flow, json.dumps({"type": "response.cancel", "response_id": rid}).encode(),
                                  to_client=False)
-                turn.ex.outcome = "ok"  # it still runs until cancelled: billed for what it produces
         for turn in step.ended:
             ex = turn.ex
             ex.response_model = turn.response_model
             if turn.usage is not None:
                 ex.usage = turn.usage
-                ex.status_code = 200
+                ex.status_code = ex.status_code or 200
                 if turn.error is not None:
                     ex.outcome, ex.error = "upstream_error", turn.error
             elif turn.error is not None and turn.response_id is None:
@@ -593,7 +607,7 @@ class Gateway:
                 ex.outcome, ex.error, ex.status_code = "upstream_error", turn.error, turn.error_status
                 ex.usage = Usage()
             else:  # ended without a usage report: estimated (off the loop), then recorded
-                ex.status_code = 200
+                ex.status_code = ex.status_code or 200
                 if turn.error is not None:
                     ex.outcome, ex.error = "upstream_error", turn.error
                 asyncio.ensure_future(self._estimate_turn(flow, s, turn))
@@ -616,8 +630,8 @@ class Gateway:
         ex = turn.ex
         ex.body = None
         ex.answer_text = ""
-        billed = ex.usage is not None and ex.provider is not None \
-            and ex.outcome in ("ok", "upstream_error", "client_aborted")
+        # (A turn refused after the provider began it, unasked, still used what its usage says.)
+        billed = ex.usage is not None and ex.provider is not None
         if billed:
             ex.cost = self.pricer.cost(ex.provider.name, ex.provider.prices_id, ex.model or ex.response_model,
                                        ex.usage)
@@ -644,7 +658,7 @@ class Gateway:
         except Exception:
             log.exception("tollgate: closing a WebSocket session failed; its turns are recorded estimated")
             self._end_session(flow, entry[1], "client_aborted" if by_client else "upstream_error",
-                              "the WebSocket closed during the turn", estimate=False)
+                              "the WebSocket closed during the turn")
 
     async def _end_session_async(self, flow: http.HTTPFlow, s: wsturns.Session, outcome: str) -> None:
         """The socket closed: turns still in flight bill what they produced (estimated, as a cut stream)."""
@@ -659,7 +673,7 @@ class Gateway:
             self._finish_turn(flow, s, turn, time.time())
         self._session_summary(flow, s)
 
-    def _end_session(self, flow: http.HTTPFlow, s: wsturns.Session, outcome: str, why: str, estimate: bool) -> None:
+    def _end_session(self, flow: http.HTTPFlow, s: wsturns.Session, outcome: str, why: str) -> None:
         """As _end_session_async, synchronously (shutdown, or a failure there): rough estimates only."""
         for turn in s.close():
             ex = turn.ex

@@ -213,7 +213,7 @@ def test_bad_client_events_get_an_error_and_the_socket_stays_usable(make_gateway
     t0 = time.time()
     bad = [Message(data="not json"), BytesMessage(data=b"\x00\x01binary"), Message(data="[1, 2]"),
            Message(data='{"type": 5}'),
-           Message(data='{"type": "session.update", "type": "response.create", "model": "gpt-4o-mini"}'),
+           Message(data='{"type": "response.create", "model": "gpt-4o-mini", "type": "session.update"}'),
            Message(data='{"type": "response.create", "model": "gpt-4o-mini", "input": "hi", "max_output_tokens": "x"}')]
     for m in bad[:-1]:
         tls.sendall(ws.send(m))

@@ -68,13 +68,19 @@ def test_a_create_is_a_turn_with_its_parameters():
 @pytest.mark.parametrize("raw,is_text", [
     (b"\x00\x01", False), (b"not json", True), (b"[1]", True), (b"null", True), (b'{"type": 5}', True),
     (b'{"model": "x"}', True),
-    (b'{"type": "session.update", "type": "response.create"}', True),  # which one a provider reads is unknown
+    (b'{"type": "response.create", "type": "session.update"}', True),  # which one a provider reads is unknown
     (b'{"type": "response.create", "\\u0074ype": "session.update"}', True),
     (b'{"type": "response.create", "response": "x"}', True),
 ])
 def test_unreadable_client_events_are_refused(raw, is_text):
     e = wsturns.read_client(raw, is_text, wsturns.REALTIME)
     assert e is not None and e.error
+
+
+def test_a_duplicated_type_that_reads_as_create_is_a_turn():
+    # Admitted (and metered) as a create: a provider that reads the other type creates nothing.
+    e = wsturns.read_client(b'{"type": "session.update", "type": "response.create"}', True, wsturns.RESPONSES)
+    assert e.error is None and e.body is not None
 
 
 def test_nested_types_are_not_duplicates():
@@ -359,3 +365,17 @@ def test_realtime_turn_gets_an_event_id(gw):
     assert eid.startswith("tollgate_evt_")
     send(g, f, ev({"type": "error", "error": {"message": "busy", "event_id": eid}}), False)
     assert rows[-1]["outcome"] == "upstream_error" and rows[-1]["model"] == "gpt-realtime"
+
+
+def test_a_large_create_is_parsed_off_the_loop(gw):
+    g, rows, injected = gw
+    f = ws_flow(g)
+    big = ev({"type": "response.create", "model": "gpt-4o-mini", "input": "x" * 300_000})
+    msg = WebSocketMessage(Opcode.TEXT, True, big)
+    f.websocket.messages.append(msg)
+    pending = g.websocket_message(f)
+    assert pending is not None  # a coroutine mitmproxy awaits before relaying
+    asyncio.run(pending)
+    assert not msg.dropped and injected == []
+    (turn,) = g.sessions[f.id][1].in_flight()
+    assert turn.ex.model == "gpt-4o-mini" and turn.ex.body_size == len(big)
