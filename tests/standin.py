@@ -71,8 +71,19 @@ Beyond the JSON APIs:
   GET   …/v1/realtime?model=…  with ``Upgrade: websocket`` (OpenAI Realtime; ``Authorization: Bearer``):
         101, then ``session.created``; each client ``response.create`` event is answered with
         ``response.created``, the 8 ANSWER pieces as ``response.output_text.delta`` and ``response.done``
-        carrying usage (input 10 + 1, output 8); a close frame is answered and ends the connection.
-        Unfragmented frames only (what SDKs send for small events).
+        carrying usage (input 10 + 1, output 8; ``input_token_details``, as Realtime spells it).
+  GET   …/v1/responses  with ``Upgrade: websocket`` (the Responses API's WebSocket mode, as Codex CLI and
+        ``client.responses.connect()`` open it): each ``response.create`` (the POST body's fields at the top
+        level) gets the event sequence OpenAI streams: ``response.created``, ``response.in_progress``,
+        ``response.output_item.added``, ``response.content_part.added``, 8 × ``response.output_text.delta``,
+        ``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done``,
+        ``response.completed`` with the usage above (cached, reasoning). Creates of one ``stream_id`` lane
+        are answered in order, and their events echo the ``stream_id``; ``generate: false`` (Codex's prewarm)
+        gets ``response.created`` and ``response.completed`` with input usage only. Model knobs: ``-paced-N``,
+        ``-delay-N``, ``-hang``, ``-nousage``, ``-error-NNN`` (an ``error`` event with that ``status``), ``-die``
+        (the connection dropped after 2 events). A missing model gets an ``error`` event.
+  Both: every client text event is recorded (method ``WS``, api ``ws.event``, the event as body); fragmented
+  messages are joined; a close frame is answered and ends the connection.
 
 Use it in-process (``Standin(real_keys=…)`` → ``start()`` → port; ``requests``; ``clear()``; ``stop()``;
 also a context manager) or as a process: ``python tests/standin.py --port 0 --port-file F`` (keys from
