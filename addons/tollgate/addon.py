@@ -640,7 +640,7 @@ class Gateway:
         if turn.first is not None and ex.usage is not None:
             ex.ttft_ms = round((turn.first - turn.started) * 1000, 3)
         s.add(ex)
-        flow.comment = self._session_comment(s)
+        self._session_summary(flow, s)  # (per turn: mitmproxy's -w saves the flow before our websocket_end)
         if ex.outcome != "ok":
             log.info("tollgate: %s %s %s (WebSocket turn): %s", ex.outcome, ex.provider.name if ex.provider else "?",
                      ex.endpoint, ex.error or ex.status_code)

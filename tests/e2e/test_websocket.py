@@ -16,7 +16,7 @@ import pytest
 
 from standin import WS_EVENT
 
-from .harness import app_env, realtime_session, settled_rows
+from .harness import REAL_KEYS, app_env, read_flows, realtime_session, scan_gateway, settled_rows
 
 
 def _turn(conn, model: str, **params) -> list:
@@ -63,6 +63,12 @@ def test_turns_on_one_socket_are_rows_with_the_providers_usage(make_gateway, sta
     assert (by_model["o3-mini"]["output_tokens"], by_model["o3-mini"]["reasoning_tokens"]) == (11, 3)
     assert by_model["gpt-4o-mini"]["cost_usd"] is not None and by_model["gpt-4o-mini"]["cost_usd"] > 0
     assert len({r["request_id"] for r in rows}) == 3
+    # Neither key anywhere the gateway wrote: output, ledger, the saved flow (upgrade headers, messages).
+    gw.stop()
+    counts = scan_gateway(gw, {"real key": REAL_KEYS["openai"], "virtual key": key})
+    assert counts["flows"] >= 1
+    (saved,) = [f for f in read_flows(gw.flows_file) if f.websocket is not None]
+    assert saved.metadata["tollgate"]["turns"] == 3 and "3 turns" in saved.comment
 
 
 def test_a_budget_spent_mid_socket_refuses_the_next_turn(make_gateway, standin, monkeypatch):
@@ -308,3 +314,22 @@ def test_unmeterable_websocket_paths_are_refused(make_gateway, standin):
     ws.receive_data(tls.recv(65536))
     evs = list(ws.events())
     assert isinstance(evs[0], we.RejectConnection) and evs[0].status_code == 400, evs
+
+
+def test_a_turn_in_flight_when_the_gateway_stops_is_recorded(make_gateway, standin):
+    from wsproto.events import Message, TextMessage
+
+    gw = make_gateway()
+    key = gw.create_key("ws-stop", live=True)["key"]
+    tls, ws = _raw_ws(gw, key)
+    t0 = time.time()
+    tls.sendall(ws.send(Message(data=json.dumps({"type": "response.create", "model": "gpt-4o-mini-paced-300",
+                                                 "input": "hi"}))))
+    deltas = 0
+    while deltas < 2:
+        ws.receive_data(tls.recv(65536))
+        deltas += sum(1 for e in ws.events() if isinstance(e, TextMessage) and "output_text.delta" in e.data)
+    assert gw.stop() == 0
+    tls.close()
+    rows = gw.rows("endpoint = '/v1/responses'", since=t0)
+    assert [(r["outcome"], r["token_source"]) for r in rows] == [("client_aborted", "estimated")], rows
