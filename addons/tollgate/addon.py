@@ -441,16 +441,24 @@ class Gateway:
         resp = flow.response
         assert resp is not None
         ex.status_code = resp.status_code
-        if resp.status_code == 101 and flow.websocket is not None and ex.kind == "websocket" \
-                and ex.outcome == "ok":
-            # The socket itself gets no row: each of its turns is admitted and recorded (see websocket_message).
-            query = flow.request.query
+        if resp.status_code == 101 and ex.outcome == "ok":
             mode = wsturns.mode_for(ex.wire, ex.endpoint)
-            model = (query.get("model") or query.get("deployment")) if mode == wsturns.REALTIME else None
-            self.sessions[flow.id] = (flow, wsturns.Session(mode, model, ex, ex.key_hash))
-            ex.key_hash = None
-            flow.comment = self._session_comment(self.sessions[flow.id][1])
-            return
+            if flow.websocket is not None and mode is not None:
+                # The socket itself gets no row: each of its turns is admitted and recorded (websocket_message).
+                if ex.kind != "websocket":  # (upgraded although the request did not look like an upgrade)
+                    self._release(ex)
+                query = flow.request.query
+                model = (query.get("model") or query.get("deployment")) if mode == wsturns.REALTIME else None
+                self.sessions[flow.id] = (flow, wsturns.Session(mode, model, ex, ex.key_hash))
+                ex.key_hash = None
+                flow.comment = self._session_comment(self.sessions[flow.id][1])
+                return
+            # Any other protocol switch on a provider host (raw TCP, a socket on another path) would be an
+            # unmetered channel: cut it before mitmproxy hands the connection over.
+            if flow.killable:
+                flow.kill()
+            ex.outcome, ex.error = "gateway_error", "an upgrade tollgate cannot meter was cut"
+            ex.usage = Usage()
         if ex.outcome == "ok" and ex.kind != "models":
             if resp.status_code >= 400:
                 ex.outcome = "upstream_error"

@@ -379,3 +379,20 @@ def test_a_large_create_is_parsed_off_the_loop(gw):
     assert not msg.dropped and injected == []
     (turn,) = g.sessions[f.id][1].in_flight()
     assert turn.ex.model == "gpt-4o-mini" and turn.ex.body_size == len(big)
+
+
+def test_an_upgrade_tollgate_cannot_meter_is_cut(gw):
+    g, rows, _ = gw
+    f = tflow.twebsocketflow()
+    req = f.request
+    req.host, req.port, req.scheme, req.path = "api.openai.com", 443, "https", "/v1/chat/completions"
+    req.headers["host"] = "api.openai.com"
+    req.headers["authorization"] = f"Bearer {VKEY}"
+    del req.headers["upgrade"]  # not an upgrade request, so admitted as one; the provider switches anyway
+    resp, f.response = f.response, None
+    g.requestheaders(f)
+    asyncio.run(g.request(f))
+    f.response = resp
+    asyncio.run(g.response(f))
+    assert f.error is not None and f.error.msg == "Connection killed."
+    assert f.id not in g.sessions and rows[-1]["outcome"] == "gateway_error"
