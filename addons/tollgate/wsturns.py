@@ -31,6 +31,8 @@ FINAL = frozenset({"response.completed", "response.failed", "response.incomplete
                    "response.done"})
 _LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([^"\\]*)"')
 _RESPONSE_ID = re.compile(rb'"response_id"\s*:\s*"([^"\\]*)"')
+# OpenAI's compact response.created: {"type":...,"sequence_number":N,"response":{"id":"resp_..."
+_CREATED_ID = re.compile(rb'\{"type":"response\.created",(?:"sequence_number":\d+,)?"response":\{"id":"([^"\\]*)"')
 _STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"([^"\\]*)"')
 _MATTERS = frozenset({b"response.created", b"error", *(t.encode() for t in FINAL)})
 _TEXT_CAP = 4_000_000  # bytes of delta events kept per turn for estimating a cut one
@@ -194,6 +196,7 @@ class Session:
         self._single: _Lane | None = None  # the only lane, while there is one (the common case)
         self.running: dict[str, Turn] = {}  # by response id
         self.context = 0  # input + output tokens of the last finished turn: the conversation so far
+        self.settling: list[Turn] = []  # ended, their rows about to be written (the addon's _finish_soon)
         self.turns = self.refused = 0
         self.input_tokens = self.output_tokens = 0
         self.cost: Any = None
@@ -297,16 +300,22 @@ class Session:
                 return None
         if now is None:
             now = time.time()
-        if data is None:
-            data = prov.loads(content)
-        if not isinstance(data, dict):
-            return None
-        if etype == "error":
-            return self._error(content, data, now)
-        resp = data.get("response")
-        resp = resp if isinstance(resp, dict) else {}
-        rid = resp.get("id") if isinstance(resp.get("id"), str) else None
-        lane = self._lane_of(content, data)
+        m = _CREATED_ID.match(content) if data is None and etype == "response.created" else None
+        if m is not None:  # the response's id without parsing the whole response object
+            rid = m.group(1).decode("ascii", "replace")
+            resp = {"id": rid}
+            lane = self._lane_of(content, None)
+        else:
+            if data is None:
+                data = prov.loads(content)
+            if not isinstance(data, dict):
+                return None
+            if etype == "error":
+                return self._error(content, data, now)
+            resp = data.get("response")
+            resp = resp if isinstance(resp, dict) else {}
+            rid = resp.get("id") if isinstance(resp.get("id"), str) else None
+            lane = self._lane_of(content, data)
         if etype == "response.created":
             if rid is not None and rid in self.running:
                 return None

@@ -396,3 +396,11 @@ def test_an_upgrade_tollgate_cannot_meter_is_cut(gw):
     asyncio.run(g.response(f))
     assert f.error is not None and f.error.msg == "Connection killed."
     assert f.id not in g.sessions and rows[-1]["outcome"] == "gateway_error"
+
+
+def test_compact_created_events_are_read_without_a_parse():
+    s = session()
+    a = turn()
+    s.open(a)
+    s.server_event(b'{"type":"response.created","sequence_number":0,"response":{"id":"resp_9","object":"response"}}')
+    assert a.response_id == "resp_9" and s.running == {"resp_9": a} and a.first is not None
