@@ -26,11 +26,12 @@ What is compared, and why it is fair:
     chunks OpenAI sends with include_usage) — built by tests/standin.py, the e2e tests' stand-in. The paced
     stream for time-to-first-token is tests/standin.py itself (`-paced-N`), behind the same nginx.
 
-WebSocket turns (`--ws`): one socket per round through each proxy (CONNECT, TLS, upgrade of
-/v1/responses), N `response.create` turns on it one after the other (c=1), each timed from sending the create
-to receiving its `response.completed` (the stand-in's 14-event answer, behind nginx's TLS). tollgate admits,
-prices and records every turn (limits, budget tier, ledger as above); bare relays them with map_remote. Rounds
-alternate as above; the target is judged on the median of the rounds' paired mean-per-turn differences.
+WebSocket turns (`--ws`): per round one socket through each proxy (CONNECT, TLS, upgrade of /v1/responses),
+open side by side, and N `response.create` turns on each, one at a time (c=1), alternating between the two
+proxies turn by turn (a finer pairing than alternating rounds: a turn takes ~15 ms). Each turn is timed from
+sending the create to receiving its `response.completed` (the stand-in's 14-event answer, behind nginx's TLS).
+tollgate admits, prices and records every turn (limits, budget tier, ledger as above); bare relays them with
+map_remote. The target is judged on the median of the rounds' paired mean-per-turn differences.
 
 Modes: default (the comparison; with `--pin`, the proxy under test alone on the last core), `--ledger` (Ledger
 writer throughput and event-loop lag), `--soak N` (one long tollgate run: RSS and open fds), `--hooks`
@@ -824,34 +825,41 @@ def ws_mode(a: argparse.Namespace, tools: dict[str, str], d: Path) -> tuple[str,
         proxies, keys = {"bare": bare, "tollgate": tg.proc}, {"bare": REAL_KEY, "tollgate": tg.key}
         time.sleep(1.0)
 
-        def socket_round(name: str, turns: int, record: bool) -> None:
-            proxy = proxies[name]
-            cl = WSClient(proxy.port, ca, keys[name])
+        def socket_round(turns: int, record: bool) -> None:
+            """One socket through each proxy, open side by side; their turns alternate (bare, tollgate,
+            tollgate, bare, ...), so the machine's drift, which is slow, lands on both alike."""
+            cls = {name: WSClient(proxies[name].port, ca, keys[name]) for name in proxies}
+            lat: dict[str, list[float]] = {name: [] for name in proxies}
             try:
-                cl.turn(message)  # the socket's first turn is outside the sample (a warm connection)
-                cpu0 = cpu_seconds(proxy.pid)
-                lat = [cl.turn(message) for _ in range(turns)]
-                cpu = cpu_seconds(proxy.pid) - cpu0
+                for cl in cls.values():
+                    cl.turn(message)  # each socket's first turn is outside the sample (a warm connection)
+                cpu0 = {name: cpu_seconds(p.pid) for name, p in proxies.items()}
+                for i in range(turns):
+                    for name in (("bare", "tollgate") if i % 2 == 0 else ("tollgate", "bare")):
+                        lat[name].append(cls[name].turn(message))
+                cpu = {name: cpu_seconds(p.pid) - cpu0[name] for name, p in proxies.items()}
             finally:
-                cl.close()
-            if record:
+                for cl in cls.values():
+                    cl.close()
+            for name in proxies:
                 r = per[name]
-                r["means"].append(statistics.fmean(lat))
-                r["p50s"].append(statistics.median(lat))
-                r["all"] += lat
-                r["cpu"].append(cpu / turns)
                 r["turns"].append(turns + 1)
-                log(f"ws round {len(r['means'])}/{a.rounds} {name:8} mean {r['means'][-1] * 1000:6.3f} ms "
-                    f"p50 {r['p50s'][-1] * 1000:6.3f} ms per turn, proxy CPU {cpu / turns * 1000:.3f} ms per turn")
-            else:
-                per[name]["turns"].append(turns + 1)
+                if not record:
+                    continue
+                r["means"].append(statistics.fmean(lat[name]))
+                r["p50s"].append(statistics.median(lat[name]))
+                r["all"] += lat[name]
+                r["cpu"].append(cpu[name] / turns)
+            if record:
+                b, t = per["bare"], per["tollgate"]
+                log(f"ws round {len(t['means'])}/{a.rounds}: mean per turn bare {b['means'][-1] * 1000:6.3f} ms, "
+                    f"tollgate {t['means'][-1] * 1000:6.3f} ms; proxy CPU per turn {b['cpu'][-1] * 1000:.3f} → "
+                    f"{t['cpu'][-1] * 1000:.3f} ms")
 
         log(f"warm-up: one socket of {a.ws_turns // 4 or 1} turns per proxy")
-        for name in proxies:
-            socket_round(name, a.ws_turns // 4 or 1, record=False)
+        socket_round(a.ws_turns // 4 or 1, record=False)
         for rnd in range(a.rounds):
-            for name in (["bare", "tollgate"] if rnd % 2 == 0 else ["tollgate", "bare"]):
-                socket_round(name, a.ws_turns, record=True)
+            socket_round(a.ws_turns, record=True)
         log("stopping tollgate (its ledger flushes on stop), then counting ledger rows")
         tg.proc.stop()
         counts = ledger_counts(tg.db)
@@ -881,10 +889,15 @@ def ws_mode(a: argparse.Namespace, tools: dict[str, str], d: Path) -> tuple[str,
              f"| latency added per turn at c=1 (mean; median of paired rounds, 95 % interval) "
              f"| {med:+.3f} ms{_interval(median_interval(added), '+.3f')} | ≤ 0.5 ms | {_yes(round(med, 2) <= 0.5)} |",
              f"| ledger rows written / turns sent | {rows} / {sent} ({dict(counts)}) | equal, all ok | {_yes(rows_ok)} |",
-             "", f"{a.rounds} rounds × {a.ws_turns} turns per proxy (each socket's first turn, and a warm-up socket, "
-             f"not timed but counted in the rows). Each turn: a {len(message)}-byte response.create, 14 server events."]
+             "", f"{a.rounds} rounds × {a.ws_turns} turns per proxy, alternating turn by turn (each socket's first "
+             f"turn, and a warm-up round, not timed but counted in the rows); median of the {len(t['all'])} "
+             f"turn-by-turn paired differences: "
+             f"{statistics.median((x - y) * 1000 for x, y in zip(t['all'], b['all'])):+.3f} ms. "
+             f"Each turn: a {len(message)}-byte response.create, 14 server events."]
     return "\n".join(lines), {"bare": b, "tollgate": t, "added_ms_rounds": added, "added_p50_ms_rounds": added50,
                               "cpu_added_ms_rounds": cpu_added, "rows": rows, "sent": sent,
+                              "paired_turn_median_ms": statistics.median(
+                                  (x - y) * 1000 for x, y in zip(t["all"], b["all"])),
                               "outcomes": dict(counts), "ok": rows_ok}
 
 
