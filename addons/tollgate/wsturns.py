@@ -33,6 +33,11 @@ _LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([^"\\]*)"')
 _RESPONSE_ID = re.compile(rb'"response_id"\s*:\s*"([^"\\]*)"')
 # OpenAI's compact response.created: {"type":...,"sequence_number":N,"response":{"id":"resp_..."
 _CREATED_ID = re.compile(rb'\{"type":"response\.created",(?:"sequence_number":\d+,)?"response":\{"id":"([^"\\]*)"')
+_FINAL_HEAD = re.compile(rb'\{"type":"response\.(?:completed|incomplete|cancelled|done)",(?:"sequence_number":\d+,)?'
+                         rb'"response":\{"id":"([^"\\]*)"')
+_STATUS = re.compile(rb'"status":"([a-z_]+)"')
+_MODEL = re.compile(rb'"model":"([^"\\]*)"')
+_DECODER = json.JSONDecoder()
 _STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"([^"\\]*)"')
 _MATTERS = frozenset({b"response.created", b"error", *(t.encode() for t in FINAL)})
 _TEXT_CAP = 4_000_000  # bytes of delta events kept per turn for estimating a cut one
@@ -300,10 +305,14 @@ class Session:
                 return None
         if now is None:
             now = time.time()
-        m = _CREATED_ID.match(content) if data is None and etype == "response.created" else None
-        if m is not None:  # the response's id without parsing the whole response object
-            rid = m.group(1).decode("ascii", "replace")
-            resp = {"id": rid}
+        resp = None
+        if data is None and etype != "error" and etype != "response.failed":
+            # What metering reads, without parsing the response object (a final one holds the whole output)
+            m = _CREATED_ID.match(content) if etype == "response.created" else None
+            resp = {"id": m.group(1).decode("ascii", "replace")} if m is not None else \
+                final_fields(content) if etype != "response.created" else None
+        if resp is not None:
+            rid = resp["id"]
             lane = self._lane_of(content, None)
         else:
             if data is None:
@@ -403,6 +412,33 @@ class Session:
             self.output_tokens += ex.usage.output_tokens
         if ex.cost is not None:
             self.cost = ex.cost if self.cost is None else self.cost + ex.cost
+
+
+def final_fields(content: bytes) -> dict | None:
+    """id, status, model and usage of a final event in OpenAI's compact serialization, read without parsing
+    its response (whose output can be large): the id first, status and model before "output", usage after
+    it, last. None when the event is not shaped so (the caller parses it whole)."""
+    m = _FINAL_HEAD.match(content)
+    if m is None:
+        return None
+    start = m.end()
+    out = content.find(b'"output":', start)
+    head_end = out if out != -1 else len(content)
+    st = _STATUS.search(content, start, head_end)
+    mo = _MODEL.search(content, start, head_end)
+    i = content.rfind(b'"usage":')
+    # Exactly one "usage" key (no string holds an unescaped one): else another object has a member of that
+    # name — the app's own metadata could — and only the whole parse tells which one is the response's.
+    if st is None or i < head_end or content.count(b'"usage":') != 1:
+        return None
+    try:
+        usage, _ = _DECODER.raw_decode(content[i + 8:].decode("utf-8").lstrip())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return {"id": m.group(1).decode("ascii", "replace"), "status": st.group(1).decode("ascii"),
+            "model": mo.group(1).decode("utf-8", "replace") if mo is not None else None, "usage": usage}
 
 
 def usage_of(resp: dict) -> Usage | None:

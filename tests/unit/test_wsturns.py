@@ -1,6 +1,7 @@
 """WebSocket turns: the pure bookkeeping (wsturns) and the hooks that wire it (taddons/tflow)."""
 import asyncio
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -12,6 +13,9 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from tollgate import wsturns
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+import standin  # noqa: E402  (tests/standin.py: the events OpenAI sends)
 from tollgate.addon import REDACTED, Gateway
 from tollgate.keys import KeyRecord, hash_key
 
@@ -404,3 +408,30 @@ def test_compact_created_events_are_read_without_a_parse():
     s.open(a)
     s.server_event(b'{"type":"response.created","sequence_number":0,"response":{"id":"resp_9","object":"response"}}')
     assert a.response_id == "resp_9" and s.running == {"resp_9": a} and a.first is not None
+
+
+def test_final_fields_agree_with_a_whole_parse():
+    body = {"type": "response.create", "model": "o3-mini-cached", "input": "hi"}
+    u = standin.expected_usage(standin.RESPONSES, body, body["model"])
+    events = standin.responses_ws_events(body, body["model"], u)
+    final = events[-1]
+    final["response"]["output"][0]["content"][0]["text"] = 'x "usage":{"input_tokens": 999} ' * 2000  # large
+    raw = json.dumps(final, separators=(",", ":")).encode()
+    fast = wsturns.final_fields(raw)
+    assert fast is not None and len(raw) > 60_000
+    whole = final["response"]
+    assert (fast["id"], fast["status"], fast["model"], fast["usage"]) == (
+        whole["id"], whole["status"], whole["model"], whole["usage"])
+    assert wsturns.usage_of(fast) == wsturns.usage_of(whole)
+    # Shapes it does not recognise are left to the whole parse.
+    assert wsturns.final_fields(json.dumps(final).encode()) is None  # spaced
+    assert wsturns.final_fields(b'{"type":"response.completed","response":{"id":"r","status":"completed"}}') is None
+    # The app's metadata echoed after the usage must not pass for it: two "usage" keys, the whole parse decides.
+    spoof = {**final, "response": {**whole, "metadata": {"usage": {"input_tokens": 0, "output_tokens": 0}}}}
+    assert wsturns.final_fields(json.dumps(spoof, separators=(",", ":")).encode()) is None
+    s = session()
+    t = turn()
+    s.open(t)
+    s.server_event(json.dumps(events[0], separators=(",", ":")).encode())
+    assert s.server_event(raw).ended == [t] and t.usage.input_tokens == u["input_tokens"]
+    assert t.usage.reasoning_tokens == 3 and t.usage.cached_input_tokens == 4 and t.response_model == "o3-mini-cached"
