@@ -177,6 +177,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(POLICY_POLL)
+            if self.sessions:
+                self._sweep_sessions()
             if self.controls is not None and self.ledger is not None:
                 status = {"written_at": time.time(), "pid": os.getpid(), "budgets": self.controls.budgets.status()}
                 loop.run_in_executor(self._io, write_status, status_path(self.ledger.path), status)
@@ -621,6 +623,18 @@ class Gateway:
                 asyncio.ensure_future(self._estimate_turn(flow, s, turn))
                 continue
             self._finish_soon(flow, s, turn, turn.ended or now)
+
+    def _sweep_sessions(self) -> None:
+        """A create the provider has not begun within gateway.upstream_timeout ends as upstream_error (0 tokens:
+        nothing was produced), as a request without an answer does; its slot and reservation are freed."""
+        timeout = self.policy.gateway.upstream_timeout if self.policy else 600.0
+        now = time.time()
+        for flow, s in list(self.sessions.values()):
+            for turn in s.overdue(now - timeout):
+                ex = turn.ex
+                ex.outcome, ex.error = "upstream_error", f"no answer from the provider within {timeout:g} s"
+                ex.usage = Usage()
+                self._finish_turn(flow, s, turn, now)
 
     def _finish_soon(self, flow: http.HTTPFlow, s: wsturns.Session, turn: wsturns.Turn, end: float) -> None:
         """Record a turn right after its final event is relayed: pricing, settling and the row (~0.2 ms) stay

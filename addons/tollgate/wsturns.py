@@ -240,6 +240,15 @@ class Session:
                 seen.setdefault(id(t), t)
         return sorted(seen.values(), key=lambda t: t.started)  # in the order they were asked for
 
+    def overdue(self, before: float) -> list[Turn]:
+        """Pending turns asked for before `before` that the server never began: taken out (the caller ends
+        them), so a create the provider ignores does not hold its concurrency slot for the socket's life."""
+        out: list[Turn] = []
+        for lane in self.lanes.values():
+            while lane.pending and lane.pending[0].started < before:
+                out.append(lane.pending.popleft())
+        return out
+
     def close(self) -> list[Turn]:
         """The socket ended: every turn still in flight (to be billed for what it produced)."""
         left = self.in_flight()

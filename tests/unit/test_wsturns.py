@@ -435,3 +435,37 @@ def test_final_fields_agree_with_a_whole_parse():
     s.server_event(json.dumps(events[0], separators=(",", ":")).encode())
     assert s.server_event(raw).ended == [t] and t.usage.input_tokens == u["input_tokens"]
     assert t.usage.reasoning_tokens == 3 and t.usage.cached_input_tokens == 4 and t.response_model == "o3-mini-cached"
+
+
+def test_a_create_the_provider_never_begins_frees_its_slot(gw):
+    g, rows, _ = gw
+    f = ws_flow(g)
+    send(g, f, ev({"type": "response.create", "model": "gpt-4o-mini"}), True)
+    assert send(g, f, ev({"type": "response.create", "model": "gpt-4o-mini"}), True).dropped  # max_concurrent 1
+    g.policy.gateway.upstream_timeout = 0.0  # (what the sweep compares against)
+    g._sweep_sessions()
+    assert (rows[-1]["outcome"], rows[-1]["input_tokens"]) == ("upstream_error", 0)
+    assert g.sessions[f.id][1].in_flight() == []
+    assert not send(g, f, ev({"type": "response.create", "model": "gpt-4o-mini"}), True).dropped  # slot free
+
+
+def test_a_response_the_server_begins_unasked_is_admitted_and_recorded(gw):
+    g, rows, injected = gw
+    f = ws_flow(g, path="/v1/realtime?model=gpt-realtime")
+    send(g, f, created("r_vad"), False)  # server VAD began a response: no create was sent
+    (turn,) = g.sessions[f.id][1].in_flight()
+    assert turn.response_id == "r_vad" and injected == []
+    send(g, f, completed("r_vad", etype="response.done"), False)
+    assert rows[-1]["outcome"] == "ok" and rows[-1]["model"] == "gpt-realtime" and rows[-1]["input_tokens"] == 11
+
+
+def test_an_unasked_response_over_the_limit_is_cancelled_and_still_billed(gw):
+    g, rows, injected = gw
+    f = ws_flow(g, path="/v1/realtime?model=gpt-realtime")
+    send(g, f, ev({"type": "response.create"}), True)  # holds the one slot
+    send(g, f, created("r1"), False)
+    send(g, f, created("r_vad"), False)  # a second response at once, unasked: over max_concurrent
+    assert [i[0] for i in injected] == [True, False]  # the error to the app, response.cancel to the provider
+    assert injected[1][1] == {"type": "response.cancel", "response_id": "r_vad"}
+    send(g, f, completed("r_vad", etype="response.done", status="cancelled"), False)
+    assert rows[-1]["outcome"] == "rate_limited" and rows[-1]["input_tokens"] == 11 and rows[-1]["cost_usd"]
