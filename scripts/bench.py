@@ -375,7 +375,9 @@ def bench_policy(upstream_port: int, db: Path, port: int) -> dict:
         "auth": {"master_key": "", "virtual_keys": {"enabled": True, "expiration_days": 30}},
         "budgeting": {"tiers": [{"name": "bench", "monthly_limit_usd": big, "reset": "monthly", "mode": "enforce",
                                  "shared_users": ["bench"], "alert_at": [0.8, 0.9]}],
-                      "costs": {}},
+                      # The paced stream's model name is the stand-in's, unknown to genai-prices: priced as
+                      # gpt-4o-mini, since an enforcing budget refuses unpriced models.
+                      "costs": {f"openai:{MODEL}-paced-*": {"input_token": 0.00015, "output_token": 0.0006}}},
         "analytics": {"logging": True, "database": str(db)},
     }
 

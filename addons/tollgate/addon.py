@@ -1,9 +1,11 @@
 """The mitmproxy addon: hooks that wire tollgate's modules together, and nothing else.
 
+http_connect    a well-known LLM host the policy does not configure (llmhosts) → 403 or tunnel, ledger row
 requestheaders  provider by host (or the unified API) → credential → identity; the credential in the
                 flow is replaced by a redacted marker at once, so mitmweb never shows it
 request         request facts (model, stream, max tokens) → (unified: route by model prefix)
-                → rate limits → budget reservation → OpenAI streams asked for usage → real key in
+                → rate limits → budget reservation (an unpriced model under an enforcing budget: 403)
+                → OpenAI streams asked for usage → real key in
 responseheaders redact again; x-ratelimit-* headers; streamed answers get a StreamTap
 response/error  usage (provider-reported, else estimated off the loop) → cost → settle limits and
                 budget → ledger row → flow comment
@@ -38,6 +40,7 @@ from .exchange import Exchange
 from .keys import hash_key
 from .ledger import Ledger
 from .limits import Subject
+from .llmhosts import Unmanaged, UnmanagedHosts
 from .policy import Policy, PolicyError, load as load_policy
 from .redact import RedactingFilter
 from .status import status_path, write_status
@@ -56,6 +59,13 @@ BIG_BODY = 256 * 1024  # JSON bodies above this are parsed on a worker thread, n
 TAIL_READ = 8 * 1024
 _JSON_TYPES = (b"{", b"[")
 _JSON = {"content-type": "application/json"}
+_ZERO = Decimal(0)
+# Endpoint kinds that run a model and are billed by it: one of these without a model cannot be priced.
+_MODEL_CALLS = frozenset({"chat", "completions", "responses", "embeddings", "messages", "generate", "audio",
+                          "realtime"})
+# Refusals: answered by the gateway itself (no time to first byte).
+_REFUSED = frozenset({"unauthorized", "gateway_error", "rate_limited", "budget_exceeded", "unpriced_model",
+                      "unmanaged_host"})
 
 
 class Gateway:
@@ -68,6 +78,7 @@ class Gateway:
         self.flows: dict[str, http.HTTPFlow] = {}  # the flows of self.live, for done()
         self.sessions: dict[str, tuple[http.HTTPFlow, wsturns.Session]] = {}  # open WebSockets, by flow id
         self.redactor = RedactingFilter()
+        self.unmanaged = UnmanagedHosts()
         self._estimator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-estimate")
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tollgate-io")
         self._spend: tuple[Any, Future] | None = None  # (SpendQuery, future rows) until applied
@@ -107,6 +118,7 @@ class Gateway:
         self._policy_sig = _file_sig(pol.path)
         self.redactor.set_secrets(pol.secrets())
         self.auth.configure(pol.auth.master_key, pol.auth.virtual_keys_enabled)
+        self.unmanaged.configure(pol)
         patterns = [pat for p in pol.providers.values() for pat in prov.host_patterns(p.hosts)]
         patterns.append(unified.UNIFIED_PATTERN)
         # Intercept only provider hosts (and the unified API's listener); everything else is tunneled
@@ -232,6 +244,44 @@ class Gateway:
         except Exception:
             self._fail(flow, "request")
 
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """A CONNECT, before mitmproxy decides to intercept or tunnel (allow_hosts applies after this hook):
+        a well-known LLM API the policy does not configure is refused or tunneled, and logged either way."""
+        if self.policy is None:
+            return
+        try:
+            u = self.unmanaged.check(flow.request.host, flow.request.port)
+            if u is not None:
+                self._unmanaged(flow, u)
+        except Exception:
+            log.exception("tollgate: http_connect hook failed; the CONNECT is refused")
+            flow.response = http.Response.make(500, b"tollgate could not check this host; the CONNECT is refused\n",
+                                               {"content-type": "text/plain; charset=utf-8"})
+
+    def _unmanaged(self, flow: http.HTTPFlow, u: Unmanaged) -> None:
+        req = flow.request
+        client = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
+        msg = u.message(self.policy.providers)
+        if u.refused:
+            if req.method == "CONNECT":  # a proxy's answer: the reason phrase is what apps get to see
+                flow.response = http.Response.make(403, (msg + "\n").encode(), {
+                    "content-type": "text/plain; charset=utf-8",
+                    "proxy-status": "tollgate; error=http_request_denied"})  # RFC 9209
+                flow.response.reason = u.reason(self.policy.providers)
+            else:  # absolute-form plain HTTP: the SDK reads the body, so the API's own error format
+                body, headers = prov.error_body(u.api.protocol or "openai", 403, "unmanaged_llm_host", msg)
+                flow.response = http.Response.make(403, body, headers)
+        if self.unmanaged.should_warn(client, u.hostport):
+            log.warning("%s (client %s)", msg, client)
+        ex = Exchange(provider=None, endpoint=u.hostport, started=req.timestamp_start, outcome="unmanaged_host",
+                      error=msg, status_code=403 if u.refused else 200 if req.method == "CONNECT" else None)
+        flow.metadata["tollgate"] = ex.summary()
+        flow.comment = f"unmanaged LLM host ({u.api.name}): {'refused' if u.refused else 'tunneled, unmetered'}"
+        if self.ledger is not None:
+            row = ex.row()
+            row["metadata"], row["token_source"] = {"client": client, "llm_api": u.api.name}, None
+            self.ledger.record(row)
+
     def _fail(self, flow: http.HTTPFlow, hook: str) -> None:
         log.exception("tollgate: %s hook failed; the request is refused", hook)
         ex = self.live.get(flow.id)
@@ -262,7 +312,10 @@ class Gateway:
             ex = Exchange(provider=None, endpoint=path, started=req.timestamp_start, unified=True)
         else:
             provider = pol.provider_for(req.host, req.port)
-            if provider is None:
+            if provider is None:  # not intercepted, or an absolute-form plain-HTTP request
+                u = self.unmanaged.check(req.host, req.port)
+                if u is not None:
+                    self._unmanaged(flow, u)
                 return
             ex = Exchange(provider=provider, endpoint=path, started=req.timestamp_start, wire=provider.protocol)
         self.live[flow.id] = ex
@@ -783,12 +836,20 @@ class Gateway:
             # loop) plus the request's max output tokens, or the policy's default when it sets none.
             worst = Usage(input_tokens=tokens.rough_tokens(ex.body_size),
                           output_tokens=budgets.worst_case_output(ex.max_output_tokens))
-            estimate = c.pricer.cost(provider.name, provider.prices_id, ex.model, worst) or Decimal(0)
+            if ex.model is None and (ex.kind not in _MODEL_CALLS or not ex.body_size):
+                estimate = _ZERO  # not a model call (model lists, files, retrievals, WebSocket upgrades)
+            else:
+                estimate = c.pricer.cost(provider.name, provider.prices_id, ex.model, worst)  # None: unpriced
             r = budgets.reserve(ident.user_id, ex.tier, estimate, now=ex.started)
             if isinstance(r, Refusal):
                 self._release(ex)
-                self._refuse(flow, ex, 429, "insufficient_quota", "budget_exceeded", r.message,
-                             {"x-should-retry": "false"})
+                if r.unpriced:  # a policy gap, not spend: 403, which no SDK retries
+                    target = f"{provider.name}:{ex.model}" if ex.model else None
+                    self._refuse(flow, ex, 403, "model_not_priced", "unpriced_model", r.unpriced_message(target),
+                                 {"x-should-retry": "false"})
+                else:
+                    self._refuse(flow, ex, 429, "insufficient_quota", "budget_exceeded", r.message,
+                                 {"x-should-retry": "false"})
                 return False
             ex.reservation = (budgets, r)
         return True
@@ -961,8 +1022,7 @@ class Gateway:
         req, resp = flow.request, flow.response
         if end:
             ex.latency_ms = round((end - req.timestamp_start) * 1000, 3)
-        if resp is not None and resp.timestamp_start and ex.status_code and ex.outcome not in (
-                "unauthorized", "gateway_error", "rate_limited", "budget_exceeded"):
+        if resp is not None and resp.timestamp_start and ex.status_code and ex.outcome not in _REFUSED:
             ex.ttft_ms = round((resp.timestamp_start - req.timestamp_start) * 1000, 3)
         if ex.tap is not None and ex.tap.error:
             log.warning("tollgate: stream tap for %s: %s", ex.request_id, ex.tap.error)

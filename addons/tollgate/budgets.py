@@ -2,8 +2,8 @@
 
 How a request meets its budgets (all on the event loop, O(budgets that apply), no I/O):
 
-    r = budgets.reserve(user, tier, worst_case_usd, now=request_start)   # before forwarding
-    if isinstance(r, Refusal): answer 429 insufficient_quota, r.message
+    r = budgets.reserve(user, tier, worst_case_usd, now=request_start)   # before forwarding (None: unpriced)
+    if isinstance(r, Refusal): answer 429 insufficient_quota, r.message (r.unpriced: 403, r.unpriced_message)
     ... forward ...
     alerts = budgets.settle(r, actual_usd)    # after the answer (or budgets.release(r) on error/abort)
     for a in alerts: sender.send(a)           # alerts.AlertSender: log + webhook, off the loop
@@ -31,8 +31,11 @@ falls in (the ledger's ``ts``), so pass ``now=`` the request's start to :meth:`B
 that straddles a period end is charged to the period it started in, exactly as a restart would recount it.
 Roll-over is lazy: the first access after a period's end resets spent and the alert marks.
 
-Unknown prices: ``settle(r, None)`` (the request could not be priced) adds nothing, exactly as the ledger's
-NULL ``cost_usd`` adds nothing on restart. Such requests are therefore not held back by budgets once admitted.
+Unknown prices fail closed: ``reserve(..., None)`` says the request cannot be priced (its model is in neither
+genai-prices nor ``budgeting.costs``). An enforcing budget refuses it (``Refusal.unpriced``), because its cost
+would count 0 and so could never be stopped; ``budgeting.unpriced: allow`` admits it holding nothing, and
+tracking budgets always do. ``settle(r, None)`` adds nothing, exactly as the ledger's NULL ``cost_usd`` adds
+nothing on restart.
 
 Thread-safety: meant for the event loop; a lock (held for a few microseconds) makes :meth:`apply_spend`
 from the ledger thread and :meth:`status` from anywhere safe as well.
@@ -50,13 +53,16 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from . import spend_hours
 from .config_error import ConfigError
 
 RESETS = ("daily", "weekly", "monthly", "never")
 MODES = ("enforce", "track")
+UNPRICED = ("refuse", "allow")
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
-_BUDGETING_KEYS = frozenset({"timezone", "default_max_output_tokens", "tiers", "global", "per_user", "costs"})
+_BUDGETING_KEYS = frozenset({"timezone", "default_max_output_tokens", "tiers", "global", "per_user", "costs",
+                             "unpriced"})
 _BUDGET_KEYS = frozenset({"limit_usd", "monthly_limit_usd", "reset", "mode", "alert_at"})
 _TIER_KEYS = _BUDGET_KEYS | {"name", "shared_users", "rate_limits"}
 _ALERTS_KEYS = frozenset({"webhook"})
@@ -299,12 +305,29 @@ class Refusal:
     estimate: Decimal
     limit: Decimal
     period_end: datetime | None  # None: the budget never resets
+    unpriced: bool = False  # refused because the request cannot be priced (budgeting.unpriced: refuse)
+
+    @property
+    def _what(self) -> str:
+        return {"tier": f"tier '{self.name}'", "global": "the gateway's global",
+                "user": f"user '{self.name}'"}[self.scope]
+
+    def unpriced_message(self, target: str | None) -> str:
+        """For an unpriced refusal: `target` is the "provider:model" asked for (None: the request names no model)."""
+        if target is None:
+            head = "this request names no model, so tollgate cannot price it"
+            fix = "name a model that has a price (or price it under budgeting.costs)"
+        else:
+            head = f"tollgate has no price for model '{target}' (neither genai-prices nor budgeting.costs knows it)"
+            fix = (f"add budgeting.costs entry '{target}' {{input_token: ..., output_token: ...}} (USD per 1K "
+                   f"tokens) to the gateway's policy")
+        return (f"{head}, and {self._what} budget is enforced, so its cost could not be counted: {fix}, or set "
+                f"budgeting.unpriced: allow to let unpriced requests through at $0")
 
     @property
     def message(self) -> str:
         """For the 429 body: safe to show (names a budget and amounts, nothing secret)."""
-        what = {"tier": f"tier '{self.name}'", "global": "the gateway's global",
-                "user": f"user '{self.name}'"}[self.scope]
+        what = self._what
         if self.spent >= self.limit:
             head = f"{what} budget is spent: ${_usd(self.spent)} of ${_usd(self.limit)}"
         else:
@@ -389,9 +412,10 @@ class SpendQuery:
 class Budgets:
     def __init__(self, tiers: dict[str, Tier], global_spec: BudgetSpec | None, per_user: BudgetSpec | None,
                  *, timezone: tzinfo = UTC, default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
-                 webhook: str | None = None, now: float | datetime | None = None):
+                 webhook: str | None = None, refuse_unpriced: bool = True, now: float | datetime | None = None):
         ts = _ts(now)
         self.tiers = tiers
+        self.refuse_unpriced = refuse_unpriced  # budgeting.unpriced: refuse (the default) | allow
         self.timezone = timezone
         self.default_max_output_tokens = default_max_output_tokens
         self.webhook = webhook  # may hold a secret token: never log it whole
@@ -422,6 +446,9 @@ class Budgets:
                 raise BudgetPolicyError(f"budgeting.{k}",
                                         f"unknown key (known: {', '.join(sorted(_BUDGETING_KEYS))})")
         tz = _timezone(b.get("timezone"))
+        unpriced = b.get("unpriced", "refuse")
+        if not isinstance(unpriced, str) or unpriced.lower() not in UNPRICED:
+            raise BudgetPolicyError("budgeting.unpriced", f"must be refuse or allow, not {unpriced!r}")
         dmot = b.get("default_max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
         if isinstance(dmot, bool) or not isinstance(dmot, int) or dmot < 1:
             raise BudgetPolicyError("budgeting.default_max_output_tokens",
@@ -463,7 +490,7 @@ class Budgets:
                 raise BudgetPolicyError(f"budgeting.{key}.limit_usd", "is required (or monthly_limit_usd)")
             specs.append(spec)
         return cls(tiers, specs[0], specs[1], timezone=tz, default_max_output_tokens=dmot,
-                   webhook=_webhook(alerts), now=now)
+                   webhook=_webhook(alerts), refuse_unpriced=unpriced.lower() == "refuse", now=now)
 
     def inherit(self, old: Budgets) -> None:
         """On a policy reload: take over the old instance's live state, so spend and reservations carry on.
@@ -542,15 +569,20 @@ class Budgets:
 
     # --- the hot path ------------------------------------------------------------------------------------------
 
-    def reserve(self, user_id: str, tier: str | None, estimate_usd: Decimal,
+    def reserve(self, user_id: str, tier: str | None, estimate_usd: Decimal | None,
                 now: float | datetime | None = None) -> Reservation | Refusal:
         """Hold `estimate_usd` (the request's worst-case cost) in every applicable budget, or refuse.
 
         An enforcing budget refuses when it is already spent (spent >= limit) or when spent + reserved +
         estimate would pass its limit; a tracking one never refuses but still holds the estimate, so
         `status()` shows what is in flight. Pass now= the request's start time (the ledger's ts).
+        `estimate_usd` None: the request cannot be priced; an enforcing budget refuses it (Refusal.unpriced)
+        unless budgeting.unpriced is allow, else it holds nothing.
         """
-        if estimate_usd < 0:
+        refuse_unpriced = False
+        if estimate_usd is None:
+            refuse_unpriced, estimate_usd = self.refuse_unpriced, _ZERO
+        elif estimate_usd < 0:
             raise ValueError("estimate_usd must be >= 0")
         ts = _ts(now)
         budgets = self.applicable(user_id, tier, ts)
@@ -558,8 +590,10 @@ class Budgets:
             for b in budgets:
                 if ts >= b._end_ts:
                     b._roll(ts)
-                if b.enforce and (b.spent >= b.limit or b.spent + b.reserved + estimate_usd > b.limit):
-                    return Refusal(b.id, b.scope, b.name, b.spent, b.reserved, estimate_usd, b.limit, b.period_end)
+                if b.enforce and (refuse_unpriced or b.spent >= b.limit
+                                  or b.spent + b.reserved + estimate_usd > b.limit):
+                    return Refusal(b.id, b.scope, b.name, b.spent, b.reserved, estimate_usd, b.limit, b.period_end,
+                                   refuse_unpriced)
             for b in budgets:
                 b.reserved += estimate_usd
             return Reservation(budgets, estimate_usd, tuple([b._end_ts for b in budgets]))
@@ -626,12 +660,14 @@ class Budgets:
 
     # --- restart: spend from the ledger ------------------------------------------------------------------------
 
-    def spend_query(self, now: float | datetime | None = None) -> SpendQuery | None:
+    def spend_query(self, now: float | datetime | None = None,
+                    until: datetime | None = None) -> SpendQuery | None:
         """The single statement that loads every not-yet-loaded budget's spend for its current period.
 
         Each budget counts ledger rows with period_start <= ts < min(period_end, since), `since` being when
         it began counting live, so rows are never counted twice even if traffic ran before the load.
-        None when everything is loaded.
+        `until`: the ledger's hourly-totals watermark (spend_hours.until), below which whole hours are read
+        from the totals instead of the rows. None when everything is loaded.
         """
         ts = _ts(now)
         parts: list[str] = []
@@ -643,22 +679,22 @@ class Budgets:
                     continue
                 if ts >= b._end_ts:
                     b._roll(ts)
-                where, p = _window(b.period_start, b.period_end, b.since)
+                src, p = _window(b.period_start, b.period_end, b.since, until)
                 if b.scope == "tier":
-                    parts.append(f"SELECT 'tier', ?, sum(cost_usd) FROM requests WHERE tier = ? AND {where}")
-                    params += [b.name, b.name, *p]
+                    parts.append(f"SELECT 'tier', ?, sum(cost_usd) FROM {src} WHERE tier = ?")
+                    params += [b.name, *p, b.name]
                 else:
-                    parts.append(f"SELECT 'global', NULL, sum(cost_usd) FROM requests WHERE {where}")
+                    parts.append(f"SELECT 'global', NULL, sum(cost_usd) FROM {src}")
                     params += p
                 ends[b.id] = b._end_ts
             if not self._users_loaded and self.per_user_spec is not None:
                 start, end = period_bounds(self.per_user_spec.reset, ts, self.timezone)
-                where, p = _window(start, end, self._users_since)
+                src, p = _window(start, end, self._users_since, until)
                 pooled = list(self._pools)
+                where = "user_id IS NOT NULL"
                 if pooled:
                     where += f" AND (tier IS NULL OR tier NOT IN ({', '.join('?' * len(pooled))}))"
-                parts.append(f"SELECT 'user', user_id, sum(cost_usd) FROM requests WHERE user_id IS NOT NULL"
-                             f" AND {where} GROUP BY user_id")
+                parts.append(f"SELECT 'user', user_id, sum(cost_usd) FROM {src} WHERE {where} GROUP BY user_id")
                 params += p + pooled
                 ends["user"] = end.timestamp() if end else math.inf
         if not parts:
@@ -707,19 +743,32 @@ class Budgets:
                     b.loaded = True
         return alerts
 
-    def load_spend(self, con, now: float | datetime | None = None) -> list[Alert]:
-        """spend_query + apply_spend on a DuckDB connection holding the ledger (blocking: not on the loop)."""
-        q = self.spend_query(now)
+    def fetch_spend(self, con, now: float | datetime | None = None) -> tuple[SpendQuery, list] | None:
+        """Run spend_query on a DuckDB connection whose default catalog is the ledger (blocking: not on the
+        loop); the rows are for :meth:`apply_spend`. None when everything is loaded."""
+        q = self.spend_query(now, spend_hours.until(con))
         if q is None:
-            return []
-        return self.apply_spend(q, con.execute(q.sql, q.params).fetchall(), now)
+            return None
+        return q, con.execute(q.sql, q.params).fetchall()
+
+    def load_spend(self, con, now: float | datetime | None = None) -> list[Alert]:
+        """fetch_spend + apply_spend (blocking: not on the loop)."""
+        got = self.fetch_spend(con, now)
+        return [] if got is None else self.apply_spend(*got, now)
+
+    def spend_unknown(self, user_id: str, tier: str | None) -> Budget | None:
+        """An enforcing budget of this request whose period spend has not been read from the ledger yet:
+        admitting against it would count from zero."""
+        for b in self.applicable(user_id, tier):
+            if b.enforce and not (self._users_loaded if b.scope == "user" else b.loaded):
+                return b
+        return None
 
 
-def _window(start: datetime | None, end: datetime | None, since: float) -> tuple[str, list[Any]]:
-    """SQL condition and params for period_start <= ts < min(period_end, since)."""
+def _window(start: datetime | None, end: datetime | None, since: float,
+            until: datetime | None) -> tuple[str, list[Any]]:
+    """A subquery of the rows (tier, user_id, cost_usd) with period_start <= ts < min(period_end, since)."""
     upper = datetime.fromtimestamp(since, UTC)
     if end is not None and end.timestamp() < since:
         upper = end.astimezone(UTC)
-    if start is None:
-        return "ts < ?", [upper]
-    return "ts >= ? AND ts < ?", [start.astimezone(UTC), upper]
+    return spend_hours.source(start.astimezone(UTC) if start is not None else None, upper, until)

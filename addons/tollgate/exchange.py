@@ -26,7 +26,7 @@ def new_request_id() -> str:
 
 
 OUTCOMES = ("ok", "unauthorized", "rate_limited", "budget_exceeded", "upstream_error", "client_aborted",
-            "gateway_error")
+            "gateway_error", "unpriced_model", "unmanaged_host")
 
 
 @dataclass(slots=True)

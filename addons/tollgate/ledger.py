@@ -50,11 +50,12 @@ try:  # Rust JSON encoder, ~6x json.dumps per row; pydantic (which genai-prices 
 except ImportError:  # pragma: no cover - the row fast path then uses json.dumps
     _rust_json = None
 
+from . import spend_hours
 from .keys import KeyRecord, keys_signature, load_keys
 
 log = logging.getLogger("tollgate.ledger")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # DESIGN.md's ledger columns, in order, with their DuckDB types.
 REQUEST_SCHEMA: tuple[tuple[str, str], ...] = (
@@ -106,6 +107,7 @@ _DDL = (
         revoked_at TIMESTAMPTZ,
         metadata JSON,
         tier VARCHAR)""",
+    spend_hours.DDL,
 )
 
 _SUMS = """count(*) AS requests,
@@ -116,7 +118,10 @@ _SUMS = """count(*) AS requests,
     coalesce(sum(reasoning_tokens), 0)::BIGINT AS reasoning_tokens,
     sum(cost_usd) AS cost_usd"""
 
-# Views for the common audits. Days are UTC days whatever the reader's TimeZone setting.
+# Views for the common audits. Days are UTC days whatever the reader's TimeZone setting, found by integer
+# arithmetic on the epoch: CAST(timezone('UTC', ts) AS DATE) went through ICU for every row (1.2 s at 30M).
+_UTC_DAY = "(DATE '1970-01-01' + CAST(epoch_us(ts) // 86400000000 AS INTEGER))"
+_SPEND_BY_DAY = (f"SELECT {_UTC_DAY} AS day, {_SUMS} FROM requests GROUP BY day ORDER BY day")
 _VIEWS = (
     f"CREATE VIEW IF NOT EXISTS spend_by_user AS SELECT user_id, {_SUMS} FROM requests"
     " GROUP BY user_id ORDER BY cost_usd DESC NULLS LAST, user_id",
@@ -124,12 +129,15 @@ _VIEWS = (
     " GROUP BY provider, model ORDER BY cost_usd DESC NULLS LAST, provider, model",
     f"CREATE VIEW IF NOT EXISTS spend_by_key AS SELECT key_id, any_value(user_id) AS user_id, {_SUMS}"
     " FROM requests GROUP BY key_id ORDER BY cost_usd DESC NULLS LAST, key_id",
-    f"CREATE VIEW IF NOT EXISTS spend_by_day AS SELECT CAST(timezone('UTC', ts) AS DATE) AS day, {_SUMS}"
-    " FROM requests GROUP BY day ORDER BY day",
+    f"CREATE VIEW IF NOT EXISTS spend_by_day AS {_SPEND_BY_DAY}",
 )
 
 # Migrations from version N to N+1 go here as {N: (sql, ...)}; ensure_schema applies them in order.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 2: hourly spend totals for fast budget recounts (filled in by the writer, from the oldest row on);
+    # spend_by_day without a per-row time zone conversion.
+    1: (spend_hours.DDL, f"CREATE OR REPLACE VIEW spend_by_day AS {_SPEND_BY_DAY}"),
+}
 
 
 class LedgerError(RuntimeError):
@@ -522,30 +530,33 @@ _COLS = ", ".join(COLUMNS)
 _JSON_COLUMNS = "{" + ", ".join(f"'{n}': '{t}'" for n, t in REQUEST_SCHEMA) + "}"
 
 
-def _insert_sql(dedup: bool, anti: bool = True) -> str:
-    """One statement that parses a spool chunk (DuckDB's read_json, off the GIL) and inserts its new rows.
+def _rows_sql(dedup: bool, anti: bool = True) -> str:
+    """One SELECT of a spool chunk's new rows (its file is the one parameter): DuckDB's read_json parses it off
+    the GIL.
 
     `anti`: rows already in the ledger (a crash between commit and spool truncation, or a landing whose
     outcome was unclear) share request_id *and* ts with their spool copy, so only rows at or after the chunk's
     oldest ts need checking; DuckDB's zone maps skip the rest (with the bound as a subquery too: measured on
-    1M rows). Zone maps are per row group (122,880 rows), so the check still reads the newest row group's ids:
-    ~2 ms of CPU a landing on a fresh table, ~5-10 ms once that group fills up (measured, 300-row landings).
-    It is therefore only used for chunks that may have been inserted before (see Ledger._fresh).
+    1M rows). Zone maps are per row group, so the check still reads the newest row groups' ids: a few ms of
+    CPU a landing. It is therefore only used for chunks that may have been inserted before (see Ledger._fresh).
     `dedup` also keeps one row per request_id within the chunk, for chunks the writer could not vouch for
     (a window function: ~2 ms a landing, so only when needed).
     """
     qualify = " QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY ts) = 1" if dedup else ""
     src = f"read_json(?, format='newline_delimited', columns={_JSON_COLUMNS})"
     if not anti:
-        return f"INSERT INTO {_ALIAS}.requests ({_COLS}) SELECT {_COLS} FROM {src}{qualify}"
+        return f"SELECT {_COLS} FROM {src}{qualify}"
     return (
-        f"INSERT INTO {_ALIAS}.requests ({_COLS}) WITH s AS MATERIALIZED (SELECT * FROM {src}{qualify})"
+        f"WITH s AS MATERIALIZED (SELECT * FROM {src}{qualify})"
         f" SELECT {_COLS} FROM s ANTI JOIN (SELECT request_id FROM {_ALIAS}.requests"
         " WHERE ts >= (SELECT min(ts) FROM s)) r USING (request_id)"
     )
 
 
-_INSERTS = {(d, a): _insert_sql(dedup=d, anti=a) for d in (False, True) for a in (False, True)}  # [dedup, anti]
+# [dedup, anti] -> (the insert, the statement that adds the chunk's rows below the hourly totals' watermark)
+_INSERTS = {(d, a): f"INSERT INTO {_ALIAS}.requests ({_COLS}) {_rows_sql(d, a)}"
+            for d in (False, True) for a in (False, True)}
+_LATE = {(d, a): spend_hours.late_sql(_ALIAS, _rows_sql(d, a)) for d in (False, True) for a in (False, True)}
 _ORPHAN = re.compile(r"\.\d+")  # the '.<pid>' of a fallback spool
 
 
@@ -601,6 +612,16 @@ class Ledger:
     # interpreter's switch interval) on every wake-up.
     SLICE_ROWS = 32
     BLOB_ROWS = 1024  # lines joined into one bytes object (one write), so that no join holds the GIL for long
+    # DuckDB's row group (122,880 rows by default) is what a checkpoint rewrites when a landing fills it: at
+    # that size the checkpoint needed 72-128 MB and failed against the 64 MB cap, for good, at every
+    # boundary. At 16,384 rows it needs ~12 MB and takes tens of ms (README "The ledger at any size").
+    # Applies to the row groups written from now on, so existing ledgers are mended too.
+    ROW_GROUP_SIZE = 16_384
+    MEMORY_MB = 64  # the writer's DuckDB memory; doubled per recovery attempt up to MAX_MEMORY_MB
+    MAX_MEMORY_MB = 1024
+    TEMP_MAX = "2GB"  # spill room in the private '<ledger>.tmp' folder, for what still does not fit
+    ERROR_REMIND = 60.0  # a landing that keeps failing is logged again this often (with its count)
+    ADVANCE_BUDGET = 0.1  # seconds one round may spend moving the hourly totals' watermark (catch-up)
 
     def __init__(
         self,
@@ -653,7 +674,7 @@ class Ledger:
         self._ids: set[str] = set()
         self._ids_exact = True
         # Every unlanded spool row was recorded by this run and no landing attempt can have inserted it: then
-        # the insert skips the anti-join on the ledger (see _insert_sql). False after a replay or a failed
+        # the insert skips the anti-join on the ledger (see _rows_sql). False after a replay or a failed
         # landing, until the spool is empty again. A request recorded twice by mistake is still caught while
         # its first copy is unlanded (_ids) or in the last landing (_landed_ids).
         self._fresh = True
@@ -663,17 +684,31 @@ class Ledger:
         self._repaired = False  # the spool was rewritten after DuckDB refused it, and not landed since
         self._warned_dups = False
         self._halvings = 0  # of LAND_BYTES, after DuckDB ran out of memory on a chunk (huge rows)
+        self._memory_mb = self.MEMORY_MB
+        self.temp_dir = self.path + ".tmp"
+        # Hourly totals (spend_hours): the oldest ts among this run's unlanded rows tells whether a landing
+        # may hold rows below the watermark; when the watermark may move next (monotonic).
+        self._spool_min_ts = math.inf
+        self._advance_at = 0.0
+        # Failures other than a reader's lock: the first of a streak is logged loudly, then a reminder per
+        # ERROR_REMIND; `problem` is what /health/ready shows.
+        self.problem: str | None = None
+        self._streak = 0
+        self._streak_logged_level = 0
+        self._last_remind = -math.inf
+        # The level for that loud line. mitmproxy exits when an ERROR is logged during its start-up, so the
+        # gateway passes a function that says WARNING until start-up is over (the line then comes again).
+        self.error_level: Callable[[], int] = lambda: logging.ERROR
         self._schema_ok = False
         self._healthy = True
         self._fails = 0
         self._retry_at = 0.0
         self._locked_since: float | None = None
-        self._last_error_log = -math.inf
         self._last_lock_warn = -math.inf
         self._keys_sig: tuple[int, int] | None = None
         self._keys_at = -math.inf
         self._file_seen: tuple | None = None
-        self._queries: list[tuple[str, list, Future]] = []  # read queries for the writer thread to run
+        self._queries: list[tuple[str | Callable, list, Future]] = []  # reads for the writer thread to run
         # For measurements and /health: inserts, rows inserted, lock conflicts met, seconds the file was held,
         # and the writer thread's CPU seconds (time.thread_time, so it counts only this thread's work: what
         # the writer takes from the proxy's cores, whatever the machine's other load).
@@ -706,6 +741,15 @@ class Ledger:
         self._wake.set()
         return fut
 
+    def call(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Future:
+        """Run fn(connection) on the writer thread, the ledger attached read-only as the default catalog, after
+        every earlier run's spool has landed; the future holds what it returns."""
+        fut: Future = Future()
+        with self._lock:
+            self._queries.append((fn, [], fut))
+        self._wake.set()
+        return fut
+
     def healthy(self) -> bool:
         """False only when the last write attempt failed for a reason other than another process's lock."""
         return self._healthy
@@ -722,11 +766,7 @@ class Ledger:
             raise RuntimeError("ledger already started")
         _make_parent(self.path)
         self._open_spool()
-        # One thread and a memory cap: the in-memory database only stages spool rows for the insert, and
-        # DuckDB's defaults (a thread per core, 80 % of RAM) let its native memory creep up under load. No
-        # spilling either: by default it goes to '.tmp' in whatever the working directory is, with ledger
-        # rows in files nobody made private; a chunk that does not fit is split instead (see _land).
-        self._mem = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "64MB", "temp_directory": ""})
+        self._mem = self._connect_memory()
         deadline = time.monotonic() + self.START_WAIT
         while True:
             outcome = self._land()
@@ -774,6 +814,17 @@ class Ledger:
             log.warning("ledger %s stayed locked; %d rows wait in %s and land on the next start",
                         self.path, self.pending, self.spool_path)
 
+    def _connect_memory(self) -> duckdb.DuckDBPyConnection:
+        """The writer's DuckDB: one thread and a memory cap (the defaults, a thread per core and 80 % of RAM,
+        let its native memory creep up under load), spilling past the cap into a folder of its own, mode 0700
+        (DuckDB's default is '.tmp' in whatever the working directory is, with ledger rows in files nobody
+        made private)."""
+        os.makedirs(self.temp_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.temp_dir, 0o700)
+        return duckdb.connect(":memory:", config={
+            "threads": 1, "memory_limit": f"{self._memory_mb}MB", "temp_directory": self.temp_dir,
+            "max_temp_directory_size": self.TEMP_MAX})
+
     def _atexit(self) -> None:  # pragma: no cover - interpreter shutdown without stop()
         self.stop(timeout=3)
 
@@ -789,9 +840,10 @@ class Ledger:
                 cpu = time.thread_time()
                 try:
                     self._cycle(stopping)
-                except Exception:  # the writer must survive anything
+                except Exception as exc:  # the writer must survive anything
                     self._healthy = False
-                    log.exception("ledger writer round failed")
+                    self.problem = f"ledger writer round failed: {_first_line(exc)}"
+                    log.log(self.error_level(), "ledger writer round failed", exc_info=True)
                 finally:
                     self.stats["cpu_seconds"] += time.thread_time() - cpu
                 if stopping:
@@ -814,6 +866,8 @@ class Ledger:
             self._land()
         elif self._keys_due(now):
             self._refresh_keys()
+        elif now >= self._advance_at and self._schema_ok and not stopping and now >= self._retry_at:
+            self._advance(now)
         if self._queries and self._schema_ok and not self._replay:
             self._run_queries()
 
@@ -837,7 +891,10 @@ class Ledger:
         try:
             for sql, params, fut in queries:
                 try:
-                    fut.set_result(self._mem.execute(sql, params).fetchall())  # type: ignore[union-attr]
+                    if callable(sql):
+                        fut.set_result(sql(self._mem))
+                    else:
+                        fut.set_result(self._mem.execute(sql, params).fetchall())  # type: ignore[union-attr]
                 except Exception as exc:
                     fut.set_exception(exc)
         finally:
@@ -980,6 +1037,7 @@ class Ledger:
         """
         ids = self._ids if self._ids_exact else None
         dropped = dups = 0
+        min_ts = self._spool_min_ts
         lines: list[bytes] = []
         n = len(batch)
         for start in range(0, n, self.SLICE_ROWS):
@@ -994,6 +1052,9 @@ class Ledger:
                 except Exception:  # not a dict, or something json cannot take even with default=str
                     dropped += 1
                     continue
+                t = _epoch(row.get("ts"))
+                if t < min_ts:
+                    min_ts = t
                 if ids is not None:
                     if rid in ids or rid in self._landed_ids:
                         dups += 1
@@ -1009,6 +1070,7 @@ class Ledger:
                 ids = None
         if lines:
             self._add_blob(lines)
+        self._spool_min_ts = min_ts
         if dropped:
             log.error("ledger: %d row(s) were not dicts of ledger columns and were dropped", dropped)
         if dups:  # a caller recording one request twice: say so once, loudly, then quietly
@@ -1031,6 +1093,8 @@ class Ledger:
             self._chunk_at = None
             _unlink(self._chunk_path())
         self._fresh = True  # whatever the spool takes from now on was never offered to the database
+        if not self._carry_rows:
+            self._spool_min_ts = math.inf
         if not self._carry_rows:  # (rows still in _carry are in _ids, or exactness was already lost)
             self._landed_ids, self._ids = self._ids, set()  # kept one more round: see _fresh
             self._ids_exact = True
@@ -1081,7 +1145,7 @@ class Ledger:
         """
         assert self._mem is not None
         created = not read_only and not os.path.exists(self.path)
-        opts = " (READ_ONLY)" if read_only else ""
+        opts = " (READ_ONLY)" if read_only else f" (ROW_GROUP_SIZE {self.ROW_GROUP_SIZE})"
         try:
             if self._attached:  # an earlier round failed half-way and may have left it attached
                 self._mem.execute(f"USE memory; DETACH DATABASE IF EXISTS {_ALIAS}")
@@ -1141,11 +1205,7 @@ class Ledger:
                     self._spool_rows = 0
                     self._truncate_spool()
             t0 = time.perf_counter()
-            # Keys are re-read only when another process changed the file since our own last write
-            # (`tollgate keys create|revoke`), or now and then as a safety net against coarse mtimes.
-            keys_changed = self._on_keys is not None and (
-                _file_sig(self.path) != self._file_seen
-                or time.monotonic() - self._keys_at >= self.KEYS_SAFETY_INTERVAL)
+            keys_changed = self._keys_stale()
             if not self._attach(read_only=False, use=keys_changed or not self._schema_ok):
                 return "locked"
             try:
@@ -1154,7 +1214,7 @@ class Ledger:
                     self._schema_ok = True
                 if rows:
                     try:
-                        self._mem.execute(_INSERTS[not self._ids_exact, not self._fresh], [path])
+                        self._insert(path)
                     except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
                         raise _SpoolRefused(exc) from exc
                 if keys_changed:
@@ -1177,10 +1237,8 @@ class Ledger:
                 self._halvings += 1  # rows far larger than usual: smaller chunks, at once
                 self._retry_at = now
                 log.warning("ledger: a chunk of %d rows did not fit DuckDB's memory; trying smaller ones", rows)
-            elif now - self._last_error_log >= self.LOCK_WARN_INTERVAL:
-                self._last_error_log = now
-                log.error("ledger write to %s failed: %s; %d row(s) stay in %s", self.path, exc,
-                          self._spool_rows, self.spool_path)
+            else:
+                self._recover(exc, rows)
             return "error"
         if rows:
             self._spool_rows -= rows
@@ -1196,12 +1254,128 @@ class Ledger:
         if self._locked_since is not None and rows:
             log.info("ledger %s free again after %.1fs; %d row(s) landed", self.path,
                      time.monotonic() - self._locked_since, rows)
+        if self._streak:
+            log.log(logging.WARNING if self._streak_logged_level >= logging.WARNING else logging.INFO,
+                    "ledger %s: landing again after %d failed attempt(s)", self.path, self._streak)
+            self._streak = self._streak_logged_level = 0
+            self.problem = None
         self._locked_since = None
         self._healthy = True
         self._fails = 0
         self._retry_at = 0.0
         self._count_landed(rows)
         return "ok"
+
+    def _keys_stale(self) -> bool:
+        """Keys are re-read only when another process changed the file since our own last write
+        (`tollgate keys create|revoke`), or now and then as a safety net against coarse mtimes."""
+        return self._on_keys is not None and (
+            _file_sig(self.path) != self._file_seen
+            or time.monotonic() - self._keys_at >= self.KEYS_SAFETY_INTERVAL)
+
+    def _insert(self, path: str) -> None:
+        """Insert a chunk; rows of it below the hourly totals' watermark are added to the totals in the same
+        transaction. Only chunks that may hold such rows pay for the check: no watermark is ever above
+        floor_hour(now - LAG), so this run's rows, newer than that, cannot."""
+        mem = self._mem
+        assert mem is not None
+        variant = (not self._ids_exact, not self._fresh)
+        if self._fresh and self._spool_min_ts >= spend_hours.floor_hour(time.time() - spend_hours.LAG).timestamp():
+            mem.execute(_INSERTS[variant], [path])
+            return
+        mem.execute("BEGIN")
+        try:
+            wm = spend_hours.until(mem, _ALIAS)
+            if wm is not None:
+                mem.execute(_LATE[variant], [path, wm])
+            mem.execute(_INSERTS[variant], [path])
+            mem.execute("COMMIT")
+        except BaseException:
+            mem.execute("ROLLBACK")
+            raise
+
+    def _advance(self, now: float) -> None:
+        """Move the hourly totals' watermark forward (a first run or a catch-up in steps, within
+        ADVANCE_BUDGET), then sleep until the next hour may be summed."""
+        wall = time.time()
+        try:
+            keys_changed = self._keys_stale()  # (our own write below would hide another process's)
+            if not self._attach(read_only=False, use=keys_changed):
+                return
+            try:
+                if keys_changed:
+                    self._check_keys()
+                t0 = time.perf_counter()
+                mem = self._mem
+                assert mem is not None
+                mem.execute("BEGIN")  # one commit per round, however many steps a catch-up takes in it
+                try:
+                    while True:
+                        wm = spend_hours.until(mem, _ALIAS)
+                        sql, params = spend_hours.next_row_sql(_ALIAS, wm)
+                        step = spend_hours.advance_sql(_ALIAS, wm, mem.execute(sql, params).fetchone()[0], wall)
+                        if step is not None:
+                            for sql, params in step[0]:
+                                mem.execute(sql, params)
+                        if step is None or step[1] >= spend_hours.floor_hour(wall - spend_hours.LAG):
+                            self._advance_at = now + (spend_hours.HOUR - wall % spend_hours.HOUR) + 1.0
+                            break
+                        if time.perf_counter() - t0 >= self.ADVANCE_BUDGET:
+                            self._advance_at = now  # more to catch up: the next idle round
+                            break
+                    mem.execute("COMMIT")
+                except BaseException:
+                    mem.execute("ROLLBACK")
+                    raise
+            finally:
+                self._detach()
+        except Exception as exc:
+            self._advance_at = now + 60.0
+            log.warning("ledger %s: updating the hourly spend totals failed (%s); budgets recount from rows "
+                        "until it works", self.path, _first_line(exc))
+
+    def _recover(self, exc: BaseException, rows: int) -> None:
+        """A landing failed for a reason other than a lock: say so once, loudly, and try something that can
+        make progress instead of the same thing again. In turn: a fresh DuckDB with twice the memory (at once
+        when memory is what failed or the database was invalidated, as a failed checkpoint does; from the
+        second failure otherwise), then smaller chunks; each after the backoff, with a reminder every
+        ERROR_REMIND while it lasts."""
+        self._streak += 1
+        self.problem = f"ledger write failed ({self._streak}x): {_first_line(exc)}"
+        text = str(exc).lower()
+        memoryish = isinstance(exc, duckdb.OutOfMemoryException) or any(
+            w in text for w in ("allocate", "memory", "invalidated"))
+        steps = []
+        if (memoryish or self._streak >= 2) and self._memory_mb < self.MAX_MEMORY_MB:
+            self._memory_mb = min(self._memory_mb * 2, self.MAX_MEMORY_MB)
+            steps.append(f"retrying with {self._memory_mb} MB")
+            self._reopen_memory()
+        elif self._streak >= 2 and rows > 1 and self._halvings < 16:
+            self._halvings += 1
+            steps.append(f"retrying in chunks of at most {max(self.LAND_BYTES >> self._halvings, 1)} bytes")
+            self._reopen_memory()
+        level = self.error_level()
+        now = time.monotonic()
+        if self._streak_logged_level < level:
+            self._streak_logged_level = level
+            self._last_remind = now
+            log.log(level, "ledger write to %s failed: %s; %d row(s) stay in %s; %s", self.path,
+                    _first_line(exc), self._spool_rows, self.spool_path,
+                    steps[0] if steps else "retrying with backoff")
+        elif now - self._last_remind >= self.ERROR_REMIND:
+            self._last_remind = now
+            log.warning("ledger write to %s still failing after %d attempts: %s; %d row(s) wait in %s",
+                        self.path, self._streak, _first_line(exc), self._spool_rows, self.spool_path)
+
+    def _reopen_memory(self) -> None:
+        old, self._mem = self._mem, None
+        try:
+            if old is not None:
+                old.close()
+        except duckdb.Error:  # pragma: no cover - an invalidated instance may refuse even this
+            pass
+        self._attached = self._using = False
+        self._mem = self._connect_memory()
 
     def _count_landed(self, n: int) -> None:
         """Rows that left the queue for good (inserted, or dropped as unreadable): earlier runs' first."""
@@ -1269,7 +1443,8 @@ class Ledger:
                 self._detach()
         except Exception as exc:
             self._healthy = False
-            log.error("reading keys from %s failed: %s", self.path, exc)
+            self.problem = f"reading keys failed: {_first_line(exc)}"
+            log.log(self.error_level(), "reading keys from %s failed: %s", self.path, _first_line(exc))
 
     def _close(self) -> None:
         if self._mem is not None:
@@ -1278,6 +1453,10 @@ class Ledger:
             except duckdb.Error:  # pragma: no cover
                 pass
             self._mem = None
+            try:
+                os.rmdir(self.temp_dir)  # DuckDB removed its spill files on close; leave the folder only if not
+            except OSError:
+                pass
         for name in ("_spool_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -1285,6 +1464,21 @@ class Ledger:
                     _unlink(self._chunk_path())
                 os.close(fd)  # closing the lock fd releases the flock
                 setattr(self, name, -1)
+
+
+def _epoch(ts: Any) -> float:
+    """A row's ts in epoch seconds, for the oldest-row bound; -inf when it is not plain (the safe side)."""
+    if type(ts) is float:
+        return ts
+    if isinstance(ts, datetime):
+        return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
+    return -math.inf
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, short: DuckDB's messages run on with advice over many lines."""
+    text = str(exc).strip().split("\n", 1)[0].strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _unlink(path: str) -> None:

@@ -80,6 +80,7 @@ class Gateway:
     proxy_port: int = 8080  # HTTPS_PROXY
     default_provider: str | None = "openai"  # unified API: where a model without "provider:" goes
     upstream_timeout: float = 600.0  # seconds to the answer's first byte (reasoning models think for minutes)
+    unmanaged_llm_hosts: str = "refuse"  # well-known LLM hosts not under providers: refuse | allow (tunnel), both logged
 
 
 @dataclass(slots=True)
@@ -109,7 +110,13 @@ class Policy:
 
     def provider_for(self, host: str, port: int) -> Provider | None:
         by = self.by_host
-        return by.get(f"{host}:{port}") or by.get(host)
+        found = by.get(f"{host}:{port}") or by.get(host)
+        if found is None and not host.islower():
+            # allow_hosts intercepts API.OpenAI.com too (it ignores case): unrecognised, its request would
+            # go out unmetered with the app's credential.
+            host = host.lower()
+            found = by.get(f"{host}:{port}") or by.get(host)
+        return found
 
     def secrets(self) -> list[str]:
         """Every real secret in the policy, for redaction filters."""
@@ -204,6 +211,7 @@ def _build(doc: dict, p: Path | None) -> Policy:
     alerts = _section(doc, "alerts", p)
     _validate_controls(doc, budgeting, alerts, costs, p)
     analytics = _section(doc, "analytics", p)
+    _check_keys(analytics, {"logging", "database"}, p, "analytics")
     db = analytics.get("database", "usage.duckdb")
     return Policy(
         path=p,
@@ -215,9 +223,20 @@ def _build(doc: dict, p: Path | None) -> Policy:
         budgeting=budgeting,
         costs=costs,
         database=database_path(db, base_dir, p),
-        logging=_bool(analytics.get("logging", True), p, "analytics.logging"),
+        logging=_logging(analytics.get("logging", True), p),
         raw=doc,
     )
+
+
+def _logging(v: Any, p: Path | None) -> bool:
+    """analytics.logging: true is the ledger, as always. false is refused, not ignored: the ledger is what
+    meters (budgets recount their spend from it at start; usage, audits and refusals are its rows)."""
+    if _bool(v, p, "analytics.logging"):
+        return True
+    raise PolicyError(p, "analytics.logging", "false is not supported: every request's ledger row is how tollgate "
+                      "meters (budgets recount their spend from it at start, `tollgate usage` and audits read it); "
+                      "set true, or move the ledger with analytics.database. Console lines per request are "
+                      "mitmproxy's own: --set flow_detail=0 or termlog_verbosity=warn")
 
 
 def _validate_controls(doc: dict, budgeting: dict, alerts: dict, costs: dict, p: Path | None) -> None:
@@ -283,7 +302,8 @@ def _str(v: Any, p: Path | None, keypath: str) -> str:
 
 
 def _gateway(d: dict, p: Path | None) -> Gateway:
-    _check_keys(d, {"host", "port", "proxy_port", "default_provider", "upstream_timeout"}, p, "gateway")
+    _check_keys(d, {"host", "port", "proxy_port", "default_provider", "upstream_timeout", "unmanaged_llm_hosts"},
+                p, "gateway")
     g = Gateway()
     if "host" in d:
         g.host = _str(d["host"], p, "gateway.host")
@@ -296,6 +316,11 @@ def _gateway(d: dict, p: Path | None) -> Gateway:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 86400:
             raise PolicyError(p, "gateway.upstream_timeout", f"must be seconds between 0 and 86400, not {t!r}")
         g.upstream_timeout = float(t)
+    if "unmanaged_llm_hosts" in d:
+        v = d["unmanaged_llm_hosts"]
+        if not isinstance(v, str) or v.lower() not in ("refuse", "allow"):
+            raise PolicyError(p, "gateway.unmanaged_llm_hosts", f"must be refuse or allow, not {v!r}")
+        g.unmanaged_llm_hosts = v.lower()
     if d.get("default_provider") is not None:
         g.default_provider = _str(d["default_provider"], p, "gateway.default_provider")
     if g.port and g.port == g.proxy_port:

@@ -414,7 +414,8 @@ class Session:
     def add(self, ex: Any) -> None:
         """A finished turn's row, into the socket's totals."""
         self.turns += 1
-        if ex.outcome in ("unauthorized", "rate_limited", "budget_exceeded", "gateway_error") and ex.usage is None:
+        if ex.outcome in ("unauthorized", "rate_limited", "budget_exceeded", "unpriced_model", "gateway_error") \
+                and ex.usage is None:
             self.refused += 1
         if ex.usage is not None:
             self.input_tokens += ex.usage.input_tokens

@@ -14,9 +14,9 @@ Observed and pinned behaviour (the closing note's "bad inputs" table):
 - 20 MB bodies are parsed off the event loop and forwarded; metered from the provider's usage.
 - Multipart (audio transcription) is forwarded with the real key; the model comes from the form's text fields
   and the provider's token usage is read.
-- An OpenAI Realtime WebSocket upgrade with a virtual key is authenticated, the key swapped (the provider never
-  sees the virtual key) and a row written at the 101; a real key or none is refused 401 before any upstream
-  connection. The session is metered from the provider's `response.done` events when the WebSocket ends.
+- An OpenAI Realtime WebSocket upgrade with a virtual key is authenticated and the key swapped (the provider
+  never sees the virtual key); a real key or none is refused 401 before any upstream connection. Each
+  `response.create` turn is a row, metered from its `response.done` (test_websocket.py has the rest).
 - Broken provider answers (not JSON, no usage, usage counts of the wrong type, cut short but ended cleanly)
   give an `ok` row with `estimated` tokens.
 
@@ -65,7 +65,9 @@ def bgw(tmp_path_factory, standin, confdir):
     d = tmp_path_factory.mktemp("badinput")
     pol = base_policy(standin.port, d / "usage.duckdb")
     pol["budgeting"] = {"tiers": [{"name": "bad", "limit_usd": 50, "shared_users": ["bad"]}],
-                        "costs": {"openai:*": {"input_token": 0.001, "output_token": 0.01}}}
+                        # every provider priced: odd bodies are the subject here, not unpriced models
+                        "costs": {f"{p}:*": {"input_token": 0.001, "output_token": 0.01}
+                                  for p in ("openai", "anthropic", "gemini")}}
     gw = Gateway(d, pol, confdir, ["--set", "termlog_verbosity=debug", "--set", "flow_detail=4"])
     gw.key = gw.create_key("bad")
     gw.start()

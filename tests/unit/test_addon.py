@@ -109,3 +109,151 @@ def test_spent_budget_is_a_native_429_that_says_do_not_retry(tmp_path):
     assert f.response.status_code == 429
     assert f.response.headers["x-should-retry"] == "false"
     assert json.loads(f.response.content)["error"]["code"] == "insufficient_quota"
+
+
+# --- metering holes: unpriced models, unmanaged LLM hosts ------------------------------------------------------
+
+
+@pytest.fixture
+def budgeted(tmp_path):
+    """make(budgeting yaml, gateway yaml) -> (gateway, recorded ledger rows), key VKEY for alice."""
+    made = []
+
+    def make(budgeting: str, gateway: str = "{}"):
+        (tmp_path / "p.yaml").write_text(
+            f"gateway: {gateway}\n"
+            f"providers: {{openai: {{api_key: {REAL}, base_url: 'http://127.0.0.1:9/openai/v1'}},"
+            f" anthropic: {{api_key: {REAL}, base_url: 'http://127.0.0.1:9/anthropic'}}}}\n"
+            f"budgeting: {budgeting}\n"
+            f"analytics: {{database: {tmp_path / 'u.duckdb'}}}\n")
+        g = Gateway()
+        ctx = taddons.context(g)
+        tctx = ctx.__enter__()
+        tctx.configure(g, tollgate_policy=str(tmp_path / "p.yaml"))
+        from datetime import datetime, timezone
+        g.auth.set_keys({hash_key(VKEY): KeyRecord("vk_1", hash_key(VKEY), "alice",
+                                                   datetime.now(timezone.utc), None, None, {})})
+        rows = []
+        g.ledger.record = rows.append
+        made.append((g, ctx))
+        return g, rows
+
+    yield make
+    for g, ctx in made:
+        g.done()
+        ctx.__exit__(None, None, None)
+
+
+def _ask(g, f):
+    g.requestheaders(f)
+    if f.response is None:
+        asyncio.run(g.request(f))
+    return f
+
+
+def _flow(host: str, path: bytes, body: dict | None, headers: dict[str, str], method: bytes = b"POST"):
+    f = tflow.tflow(req=tutils.treq(host=host, port=443, scheme=b"https", path=path, method=method,
+                                    content=json.dumps(body).encode() if body is not None else b""))
+    f.request.headers.clear()
+    f.request.headers.update({"host": host, **headers})
+    return f
+
+
+def _chat(model: str | None):
+    body = {"messages": [{"role": "user", "content": "hi"}]} | ({"model": model} if model else {})
+    return _flow("api.openai.com", b"/v1/chat/completions", body, {"authorization": f"Bearer {VKEY}"})
+
+
+def test_unpriced_model_under_an_enforcing_budget_is_refused_natively(budgeted):
+    g, _ = budgeted("{per_user: {limit_usd: 5}}")
+    f = _ask(g, _chat("gpt-9-unpriced"))
+    assert f.response.status_code == 403 and f.response.headers["x-should-retry"] == "false"
+    err = json.loads(f.response.content)["error"]
+    assert err["code"] == "model_not_priced" and err["type"] == "invalid_request_error"
+    assert "openai:gpt-9-unpriced" in err["message"] and "budgeting.costs" in err["message"]
+    ex = g.live[f.id]
+    assert ex.outcome == "unpriced_model" and ex.reservation is None and ex.subject is None
+    assert REAL not in str(f.request.headers)  # never forwarded
+    assert g.controls.budgets.budgets()[0].reserved == 0
+
+    a = _ask(g, _flow("api.anthropic.com", b"/v1/messages",
+                      {"model": "claude-9-unpriced", "max_tokens": 5, "messages": []}, {"x-api-key": VKEY}))
+    body = json.loads(a.response.content)
+    assert a.response.status_code == 403 and body["error"]["type"] == "permission_error"
+    assert "anthropic:claude-9-unpriced" in body["error"]["message"]
+
+
+def test_model_calls_without_a_model_are_unpriced_but_model_lists_pass(budgeted):
+    g, _ = budgeted("{per_user: {limit_usd: 5}}")
+    f = _ask(g, _chat(None))
+    assert f.response.status_code == 403 and "names no model" in json.loads(f.response.content)["error"]["message"]
+    models = _ask(g, _flow("api.openai.com", b"/v1/models", None, {"authorization": f"Bearer {VKEY}"}, b"GET"))
+    assert models.response is None  # forwarded
+    listing = _ask(g, _flow("api.openai.com", b"/v1/chat/completions", None,
+                            {"authorization": f"Bearer {VKEY}"}, b"GET"))  # stored completions: not a model call
+    assert listing.response is None
+    priced = _ask(g, _chat("gpt-4o-mini"))
+    assert priced.response is None and g.live[priced.id].reservation is not None
+
+
+@pytest.mark.parametrize("budgeting", ["{per_user: {limit_usd: 5}, unpriced: allow}",
+                                       "{per_user: {limit_usd: 5, mode: track}}", "{}"])
+def test_unpriced_allowed_or_tracked_is_forwarded(budgeted, budgeting):
+    g, _ = budgeted(budgeting)
+    f = _ask(g, _chat("gpt-9-unpriced"))
+    assert f.response is None and g.live[f.id].outcome == "ok"
+    assert f.request.headers["authorization"] == f"Bearer {REAL}"
+
+
+def _connect(host: str, port: int = 443):
+    f = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=host, port=port, path=b"", scheme=b"",
+                                    authority=f"{host}:{port}".encode()))
+    return f
+
+
+def test_connect_to_an_unmanaged_llm_host_is_refused_and_logged(budgeted, caplog):
+    g, rows = budgeted("{}")
+    f = _connect("api.cohere.ai")
+    with caplog.at_level("WARNING", "tollgate"):
+        g.http_connect(f)
+        g.http_connect(_connect("api.cohere.ai"))  # a second CONNECT: a row, no second warning
+    assert f.response.status_code == 403
+    text = f.response.content.decode()
+    assert "api.cohere.ai:443" in text and "providers.cohere" in text and "unmanaged_llm_hosts: allow" in text
+    assert [(r["outcome"], r["endpoint"], r["provider"], r["status_code"], r["token_source"]) for r in rows] == \
+        [("unmanaged_host", "api.cohere.ai:443", None, 403, None)] * 2
+    assert rows[0]["metadata"] == {"client": "127.0.0.1", "llm_api": "cohere"}
+    assert len([r for r in caplog.records if "api.cohere.ai:443" in r.getMessage()]) == 1
+
+    for managed in ("api.openai.com", "api.anthropic.com", "example.com"):
+        ok = _connect(managed)
+        g.http_connect(ok)
+        assert ok.response is None
+    assert len(rows) == 2
+
+
+def test_connect_allowed_is_tunneled_and_still_logged(budgeted):
+    g, rows = budgeted("{}", "{unmanaged_llm_hosts: allow}")
+    f = _connect("myres.openai.azure.com")
+    g.http_connect(f)
+    assert f.response is None
+    assert [(r["outcome"], r["endpoint"], r["status_code"]) for r in rows] == \
+        [("unmanaged_host", "myres.openai.azure.com:443", 200)]
+
+
+def test_absolute_form_plain_http_to_an_unmanaged_host(budgeted):
+    g, rows = budgeted("{}")
+    f = tflow.tflow(req=tutils.treq(host="api.perplexity.ai", port=80, scheme=b"http", path=b"/chat/completions"))
+    g.requestheaders(f)
+    assert f.response.status_code == 403
+    assert json.loads(f.response.content)["error"]["code"] == "unmanaged_llm_host"
+    assert [(r["outcome"], r["endpoint"]) for r in rows] == [("unmanaged_host", "api.perplexity.ai:80")]
+
+
+def test_a_provider_host_in_capitals_is_still_the_provider(gw):
+    g, _ = gw
+    f = openai_flow(REAL)  # a real key presented directly, to a host allow_hosts intercepts whatever its case
+    f.request.host = "API.OpenAI.com"
+    g.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 401
+    assert REAL not in str(f.request.headers)

@@ -434,7 +434,7 @@ def test_ledger_query_ignores_the_session_time_zone(ledger):
 def test_spend_query_shape():
     b = make([pool(10), {"name": "free"}], glob={"limit_usd": 100}, per_user={"limit_usd": 1})
     q = b.spend_query(T)
-    assert q.sql.count("SELECT") == 3 and "GROUP BY user_id" in q.sql
+    assert q.sql.count("sum(cost_usd)") == 3 and "GROUP BY user_id" in q.sql
     assert set(q.period_ends) == {"tier:team", "global", "user"}
     assert make().spend_query(T) is None
 
@@ -575,3 +575,49 @@ def test_reserve_settle_is_a_few_microseconds(capsys):
     with capsys.disabled():
         print(f"\nreserve+settle: {us:.2f} µs (2 budgets each)")
     assert us < 100  # generous for slow CI; ~3-5 µs measured
+
+
+# --- unpriced requests (reserve with None) -------------------------------------------------------------------
+
+
+def test_unpriced_request_is_refused_by_an_enforcing_budget_and_holds_nothing():
+    b = make([pool(10)], glob={"limit_usd": 100})
+    no = b.reserve("u1", None, None, now=T)
+    assert isinstance(no, Refusal) and no.unpriced and no.budget_id == "tier:team"
+    msg = no.unpriced_message("openai:gpt-9-mystery")
+    assert "openai:gpt-9-mystery" in msg and "budgeting.costs" in msg and "budgeting.unpriced: allow" in msg
+    assert "tier 'team' budget is enforced" in msg
+    assert "names no model" in no.unpriced_message(None)
+    assert all(x.reserved == 0 for x in b.budgets())
+    priced = b.reserve("u1", None, D(1), now=T)  # a priced request is unaffected
+    assert isinstance(priced, Reservation) and not isinstance(priced, Refusal)
+
+
+def test_unpriced_under_track_budgets_only_is_admitted_holding_nothing():
+    b = make([pool(10, mode="track")], glob={"limit_usd": 100, "mode": "track"})
+    r = b.reserve("u1", None, None, now=T)
+    assert isinstance(r, Reservation) and r.amount == 0
+    assert b.settle(r, None, now=T) == [] and all(x.spent == 0 for x in b.budgets())
+    mixed = make([pool(10, mode="track")], glob={"limit_usd": 100})  # the enforcing global budget refuses it
+    no = mixed.reserve("u1", None, None, now=T)
+    assert isinstance(no, Refusal) and no.unpriced and no.budget_id == "global"
+
+
+@pytest.mark.parametrize("value", ["allow", "Allow"])
+def test_unpriced_allow_admits_at_zero(value):
+    b = make([pool(10)], unpriced=value)
+    r = b.reserve("u1", None, None, now=T)
+    assert isinstance(r, Reservation) and r.amount == 0
+    b.settle(r, None, now=T)
+    assert b.status(T)[0]["spent"] == 0
+    spent = make([pool(0)], unpriced=value)  # a spent budget still refuses it, as any request
+    no = spent.reserve("u1", None, None, now=T)
+    assert isinstance(no, Refusal) and not no.unpriced
+
+
+def test_unpriced_defaults_to_refuse_and_bad_values_are_named():
+    assert make().refuse_unpriced is True and make(unpriced="refuse").refuse_unpriced is True
+    for bad in ("maybe", True, None, 1):
+        with pytest.raises(BudgetPolicyError) as ei:
+            make(unpriced=bad)
+        assert ei.value.keypath == "budgeting.unpriced" and "must be refuse or allow, not " + repr(bad) in str(ei.value)

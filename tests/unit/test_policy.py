@@ -68,6 +68,8 @@ def test_the_brief_config_loads_as_written(tmp_path):
 def test_shipped_policy_starts_without_any_env():
     pol = policy.load(ROOT / "policies.yaml", env={})
     assert set(pol.providers) >= {"openai", "anthropic", "gemini"}
+    # the metering-hole keys are shipped, at their closed defaults
+    assert pol.gateway.unmanaged_llm_hosts == "refuse" and pol.budgeting["unpriced"] == "refuse" and pol.logging
     assert all(p.api_key is None for p in pol.providers.values())
     assert pol.gateway.proxy_port == 8080 and pol.gateway.port == 8000
 
@@ -85,6 +87,12 @@ def test_shipped_policy_starts_without_any_env():
     ("gatway: {}", "gatway", "unknown section"),
     ("auth: {master_key: short}", "auth.master_key", "too short"),
     ("analytics: {database: 'postgres://x'}", "analytics.database", "DuckDB"),
+    ("analytics: {databse: x.duckdb}", "analytics.databse", "unknown key (known: database, logging)"),
+    ("analytics: {logging: false}", "analytics.logging", "false is not supported"),
+    ("analytics: {logging: 'no'}", "analytics.logging", "must be true or false, not 'no'"),
+    ("gateway: {unmanaged_llm_hosts: tunnel}", "gateway.unmanaged_llm_hosts", "must be refuse or allow, not 'tunnel'"),
+    ("gateway: {unmanaged_llm_hosts: false}", "gateway.unmanaged_llm_hosts", "must be refuse or allow, not False"),
+    ("budgeting: {unpriced: free}", "budgeting.unpriced", "must be refuse or allow, not 'free'"),
     ("providers: [1]", "providers", "must be a mapping"),
     ("a: [", "line 1", "not valid YAML"),
     ("- 1", "(top level)", "must be a mapping of sections"),
@@ -128,3 +136,19 @@ def test_custom_provider_hosts_and_lookup():
     assert pol.provider_for("vllm.internal", 8000).name == "my-vllm"
     assert pol.provider_for("vllm.internal", 9000) is None
     assert pol.provider_for("api.openai.com", 443) is None  # only configured providers are intercepted
+    assert pol.provider_for("VLLM.Internal", 8000).name == "my-vllm"  # as allow_hosts, whatever the case
+
+
+def test_metering_hole_keys_default_to_closed():
+    pol = policy.loads("", None, {})
+    assert pol.gateway.unmanaged_llm_hosts == "refuse" and pol.logging is True
+    pol = policy.loads("gateway: {unmanaged_llm_hosts: Allow}\nbudgeting: {unpriced: allow}\n"
+                       "analytics: {logging: true}", None, {})
+    assert pol.gateway.unmanaged_llm_hosts == "allow" and pol.budgeting["unpriced"] == "allow"
+
+
+def test_logging_false_says_why_and_what_to_do_instead(tmp_path):
+    with pytest.raises(policy.PolicyError) as e:
+        policy.loads("analytics: {logging: false}", tmp_path / "p.yaml", {})
+    msg = str(e.value)
+    assert "budgets recount" in msg and "analytics.database" in msg and "flow_detail" in msg
