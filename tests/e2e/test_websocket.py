@@ -333,3 +333,19 @@ def test_a_turn_in_flight_when_the_gateway_stops_is_recorded(make_gateway, stand
     tls.close()
     rows = gw.rows("endpoint = '/v1/responses'", since=t0)
     assert [(r["outcome"], r["token_source"]) for r in rows] == [("client_aborted", "estimated")], rows
+
+
+def test_an_unpriced_model_under_an_enforcing_budget_refuses_the_turn(make_gateway, standin, monkeypatch):
+    gw = make_gateway(lambda p: p.update(budgeting={"per_user": {"limit_usd": 5, "reset": "daily", "mode": "enforce"}}))
+    key = gw.create_key("ws-unpriced", live=True)["key"]
+    app_env(gw, monkeypatch)
+    client = openai.OpenAI(api_key=key, max_retries=0)
+    t0 = time.time()
+    with client.responses.connect() as conn:
+        evs = _turn(conn, "no-such-model-anywhere")  # the same admission as a POST: no price, no turn
+        assert evs[-1].type == "error" and evs[-1].status == 403 and evs[-1].error.code == "model_not_priced", evs
+        assert "budgeting.costs" in evs[-1].error.message
+        assert _seen_creates(standin, t0) == []
+        assert _turn(conn, "gpt-4o-mini")[-1].type == "response.completed"  # a priced one still runs
+    rows = settled_rows(gw, "endpoint = '/v1/responses'", since=t0, n=2)
+    assert [r["outcome"] for r in rows] == ["unpriced_model", "ok"]
