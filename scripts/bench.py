@@ -26,6 +26,13 @@ What is compared, and why it is fair:
     chunks OpenAI sends with include_usage) — built by tests/standin.py, the e2e tests' stand-in. The paced
     stream for time-to-first-token is tests/standin.py itself (`-paced-N`), behind the same nginx.
 
+WebSocket turns (`--ws`): per round one socket through each proxy (CONNECT, TLS, upgrade of /v1/responses),
+open side by side, and N `response.create` turns on each, one at a time (c=1), alternating between the two
+proxies turn by turn (a finer pairing than alternating rounds: a turn takes ~15 ms). Each turn is timed from
+sending the create to receiving its `response.completed` (the stand-in's 14-event answer, behind nginx's TLS).
+tollgate admits, prices and records every turn (limits, budget tier, ledger as above); bare relays them with
+map_remote. The target is judged on the median of the rounds' paired mean-per-turn differences.
+
 Modes: default (the comparison; with `--pin`, the proxy under test alone on the last core), `--ledger` (Ledger
 writer throughput and event-loop lag), `--soak N` (one long tollgate run: RSS and open fds), `--hooks`
 (tollgate's hooks in one process, warm and with the CPU caches evicted: scripts/bench_hooks.py), `--quick` (a
@@ -266,6 +273,15 @@ http {{
       sub_filter_types text/event-stream;
       sub_filter 'tollgate-bench-never-matches' '';
       return 200 {sse};
+    }}
+    location = /v1/responses {{
+      # --ws: the Responses API's WebSocket mode, served by the stand-in behind this TLS front.
+      proxy_pass http://standin;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_buffering off;
+      proxy_read_timeout 600s;
     }}
     location = /_paced {{
       internal;
@@ -735,6 +751,158 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+# --- WebSocket mode -------------------------------------------------------------------------------------------
+
+class WSClient:
+    """One Responses-mode WebSocket through a proxy (CONNECT, TLS with the mitmproxy CA, upgrade), as the SDK
+    opens it; turn() sends a response.create and waits for its response.completed."""
+
+    def __init__(self, proxy_port: int, ca: Path, key: str):
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+
+        sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"proxy closed the CONNECT: {head!r}")
+            head += chunk
+        self.tls = ssl.create_default_context(cafile=str(ca)).wrap_socket(sock, server_hostname=HOST)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.tls.sendall(self.ws.send(Request(host=HOST, target="/v1/responses",
+                                              extra_headers=[(b"authorization", f"Bearer {key}".encode())])))
+        while True:
+            data = self.tls.recv(65536)
+            if not data:
+                raise RuntimeError("the proxy closed the socket during the upgrade")
+            self.ws.receive_data(data)
+            for ev in self.ws.events():
+                if isinstance(ev, AcceptConnection):
+                    return
+                raise RuntimeError(f"upgrade refused: {ev!r}")
+
+    def turn(self, message: str) -> float:
+        """Seconds from sending the create to its response.completed."""
+        from wsproto.events import Message, TextMessage
+
+        t0 = time.perf_counter()
+        self.tls.sendall(self.ws.send(Message(data=message)))
+        while True:
+            data = self.tls.recv(65536)
+            if not data:
+                raise RuntimeError("the socket closed during a turn")
+            self.ws.receive_data(data)
+            for ev in self.ws.events():
+                if isinstance(ev, TextMessage):
+                    if '"response.completed"' in ev.data:
+                        return time.perf_counter() - t0
+                    if ev.data.startswith('{"type":"error"'):
+                        raise RuntimeError(f"turn refused: {ev.data[:300]}")
+
+    def close(self) -> None:
+        from wsproto.events import CloseConnection
+
+        try:
+            self.tls.sendall(self.ws.send(CloseConnection(code=1000)))
+        except Exception:
+            pass
+        self.tls.close()
+
+
+def ws_mode(a: argparse.Namespace, tools: dict[str, str], d: Path) -> tuple[str, dict]:
+    s = setup(d, a, tools)
+    confdir, ca, procs = s.confdir, s.ca, s.procs
+    message = json.dumps({"type": "response.create", "model": MODEL, "input": REQUEST["messages"]})
+    per: dict[str, dict[str, list]] = {n: {"means": [], "p50s": [], "all": [], "cpu": [], "turns": []}
+                                       for n in ("bare", "tollgate")}
+    try:
+        bare = start_bare(d, confdir, s.upstream, None)
+        tg = start_tollgate(d, confdir, s.upstream)
+        procs += [bare, tg.proc]
+        for p in procs:
+            p.ready()
+        proxies, keys = {"bare": bare, "tollgate": tg.proc}, {"bare": REAL_KEY, "tollgate": tg.key}
+        time.sleep(1.0)
+
+        def socket_round(turns: int, record: bool) -> None:
+            """One socket through each proxy, open side by side; their turns alternate (bare, tollgate,
+            tollgate, bare, ...), so the machine's drift, which is slow, lands on both alike."""
+            cls = {name: WSClient(proxies[name].port, ca, keys[name]) for name in proxies}
+            lat: dict[str, list[float]] = {name: [] for name in proxies}
+            try:
+                for cl in cls.values():
+                    cl.turn(message)  # each socket's first turn is outside the sample (a warm connection)
+                cpu0 = {name: cpu_seconds(p.pid) for name, p in proxies.items()}
+                for i in range(turns):
+                    for name in (("bare", "tollgate") if i % 2 == 0 else ("tollgate", "bare")):
+                        lat[name].append(cls[name].turn(message))
+                cpu = {name: cpu_seconds(p.pid) - cpu0[name] for name, p in proxies.items()}
+            finally:
+                for cl in cls.values():
+                    cl.close()
+            for name in proxies:
+                r = per[name]
+                r["turns"].append(turns + 1)
+                if not record:
+                    continue
+                r["means"].append(statistics.fmean(lat[name]))
+                r["p50s"].append(statistics.median(lat[name]))
+                r["all"] += lat[name]
+                r["cpu"].append(cpu[name] / turns)
+            if record:
+                b, t = per["bare"], per["tollgate"]
+                log(f"ws round {len(t['means'])}/{a.rounds}: mean per turn bare {b['means'][-1] * 1000:6.3f} ms, "
+                    f"tollgate {t['means'][-1] * 1000:6.3f} ms; proxy CPU per turn {b['cpu'][-1] * 1000:.3f} → "
+                    f"{t['cpu'][-1] * 1000:.3f} ms")
+
+        log(f"warm-up: one socket of {a.ws_turns // 4 or 1} turns per proxy")
+        socket_round(a.ws_turns // 4 or 1, record=False)
+        for rnd in range(a.rounds):
+            socket_round(a.ws_turns, record=True)
+        log("stopping tollgate (its ledger flushes on stop), then counting ledger rows")
+        tg.proc.stop()
+        counts = ledger_counts(tg.db)
+        # The key-check probe is no request here: keys create writes the key, the gateway loads it at start.
+        sent = sum(per["tollgate"]["turns"])
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    b, t = per["bare"], per["tollgate"]
+    added = [(tm - bm) * 1000 for tm, bm in zip(t["means"], b["means"])]
+    added50 = [(tm - bm) * 1000 for tm, bm in zip(t["p50s"], b["p50s"])]
+    cpu_added = [(tc - bc) * 1000 for tc, bc in zip(t["cpu"], b["cpu"])]
+    med, med50, medcpu = statistics.median(added), statistics.median(added50), statistics.median(cpu_added)
+    rows = sum(counts.values())
+    rows_ok = rows == sent and set(counts) == {"ok"}
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1000  # noqa: E731
+    lines = ["| WebSocket turns, c=1 (one socket per round) | bare | tollgate | added: median of paired rounds [95 %] |",
+             "|---|---|---|---|",
+             f"| mean per turn | {statistics.fmean(b['all']) * 1000:.3f} ms | {statistics.fmean(t['all']) * 1000:.3f} ms "
+             f"| {med:+.3f} ms{_interval(median_interval(added), '+.3f')} |",
+             f"| p50 / p99 per turn | {pct(b['all'], .5):.3f} / {pct(b['all'], .99):.3f} ms "
+             f"| {pct(t['all'], .5):.3f} / {pct(t['all'], .99):.3f} ms "
+             f"| {med50:+.3f} ms{_interval(median_interval(added50), '+.3f')} (p50) |",
+             f"| proxy CPU per turn | {statistics.fmean(b['cpu']) * 1000:.3f} ms | {statistics.fmean(t['cpu']) * 1000:.3f} ms "
+             f"| {medcpu:+.3f} ms{_interval(median_interval(cpu_added), '+.3f')} |",
+             "", "| target | measured | goal | met |", "|---|---|---|---|",
+             f"| latency added per turn at c=1 (mean; median of paired rounds, 95 % interval) "
+             f"| {med:+.3f} ms{_interval(median_interval(added), '+.3f')} | ≤ 0.5 ms | {_yes(round(med, 2) <= 0.5)} |",
+             f"| ledger rows written / turns sent | {rows} / {sent} ({dict(counts)}) | equal, all ok | {_yes(rows_ok)} |",
+             "", f"{a.rounds} rounds × {a.ws_turns} turns per proxy, alternating turn by turn (each socket's first "
+             f"turn, and a warm-up round, not timed but counted in the rows); median of the {len(t['all'])} "
+             f"turn-by-turn paired differences: "
+             f"{statistics.median((x - y) * 1000 for x, y in zip(t['all'], b['all'])):+.3f} ms. "
+             f"Each turn: a {len(message)}-byte response.create, 14 server events."]
+    return "\n".join(lines), {"bare": b, "tollgate": t, "added_ms_rounds": added, "added_p50_ms_rounds": added50,
+                              "cpu_added_ms_rounds": cpu_added, "rows": rows, "sent": sent,
+                              "paired_turn_median_ms": statistics.median(
+                                  (x - y) * 1000 for x, y in zip(t["all"], b["all"])),
+                              "outcomes": dict(counts), "ok": rows_ok}
+
+
 # --- ledger mode ----------------------------------------------------------------------------------------------
 
 def synthetic_row(i: int, now: float, epoch_ts: bool = False) -> dict[str, Any]:
@@ -1077,6 +1245,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--soak", type=int, nargs="?", const=100_000, metavar="N",
                       help="N requests through tollgate (default 100000): RSS growth and open fds")
     mode.add_argument("--profile", metavar="DIR", help="py-spy record tollgate under c=8 load into DIR")
+    mode.add_argument("--ws", action="store_true", help="WebSocket turns: N response.create turns on one socket per "
+                      "round (Responses WebSocket mode), tollgate against bare, c=1")
     mode.add_argument("--hooks", action="store_true", help="tollgate's hooks in one process, warm and with the "
                       "CPU caches evicted before each request (no network; see scripts/bench_hooks.py)")
     ap.add_argument("--rounds", type=int, help="alternating rounds per configuration (default 12; --hooks: 5)")
@@ -1094,6 +1264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(diagnostics, e.g. a tracemalloc dump)")
     ap.add_argument("--py-spy", metavar="PATH", help="py-spy binary for --profile (default: on PATH)")
     ap.add_argument("--top", type=int, default=15, help="rows of --profile's hot-spot table")
+    ap.add_argument("--ws-turns", type=int, default=200, help="turns per socket and round for --ws (default 200)")
     ap.add_argument("--hooks-n", type=int, default=2000, help="requests per round for --hooks (default 2000)")
     ap.add_argument("--evict-mb", type=int, default=8, help="MB overwritten before each --hooks request "
                     "(default 8: a few times a core's L2 here)")
@@ -1105,12 +1276,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, ledger)")
     a = ap.parse_args(argv)
-    if a.floor and (a.install or a.ledger or a.soak or a.profile or a.hooks or a.ledger_scale):
+    if a.floor and (a.install or a.ledger or a.soak or a.profile or a.hooks or a.ws or a.ledger_scale):
         ap.error("--floor replaces tollgate in the comparison: use it alone or with --quick, --pin, --rounds")
     if a.rounds is None:
         a.rounds = 5 if a.hooks else 12
     if a.quick:
-        a.rounds, a.duration, a.warmup, a.ttft_n = 1, 1, 0.5, 5
+        a.rounds, a.duration, a.warmup, a.ttft_n, a.ws_turns = 1, 1, 0.5, 5, min(a.ws_turns, 20)
         a.ledger_rows = min(a.ledger_rows, 20_000)
     return a
 
@@ -1137,6 +1308,10 @@ def main(argv: list[str] | None = None) -> int:
 
             raw = bench_ledger_scale.run(d, (1_000_000,) if a.quick else bench_ledger_scale.SIZES)
             text, ok = bench_ledger_scale.report(raw, cmd, env), raw["ok"]
+        elif a.ws:
+            text, raw = ws_mode(a, tools, d)
+            ok = raw["ok"]
+            text += f"\n\nCommand: `{cmd}` — {env['machine']}; {env['versions']}."
         elif a.soak:
             text, raw = soak_mode(a, tools, d)
             ok = raw["ok"]

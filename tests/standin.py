@@ -71,8 +71,19 @@ Beyond the JSON APIs:
   GET   …/v1/realtime?model=…  with ``Upgrade: websocket`` (OpenAI Realtime; ``Authorization: Bearer``):
         101, then ``session.created``; each client ``response.create`` event is answered with
         ``response.created``, the 8 ANSWER pieces as ``response.output_text.delta`` and ``response.done``
-        carrying usage (input 10 + 1, output 8); a close frame is answered and ends the connection.
-        Unfragmented frames only (what SDKs send for small events).
+        carrying usage (input 10 + 1, output 8; ``input_token_details``, as Realtime spells it).
+  GET   …/v1/responses  with ``Upgrade: websocket`` (the Responses API's WebSocket mode, as Codex CLI and
+        ``client.responses.connect()`` open it): each ``response.create`` (the POST body's fields at the top
+        level) gets the event sequence OpenAI streams: ``response.created``, ``response.in_progress``,
+        ``response.output_item.added``, ``response.content_part.added``, 8 × ``response.output_text.delta``,
+        ``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done``,
+        ``response.completed`` with the usage above (cached, reasoning). Creates of one ``stream_id`` lane
+        are answered in order, and their events echo the ``stream_id``; ``generate: false`` (Codex's prewarm)
+        gets ``response.created`` and ``response.completed`` with input usage only. Model knobs: ``-paced-N``,
+        ``-delay-N``, ``-hang``, ``-nousage``, ``-error-NNN`` (an ``error`` event with that ``status``), ``-die``
+        (the connection dropped after 2 events). A missing model gets an ``error`` event.
+  Both: every client text event is recorded (method ``WS``, api ``ws.event``, the event as body); fragmented
+  messages are joined; a close frame is answered and ends the connection.
 
 Use it in-process (``Standin(real_keys=…)`` → ``start()`` → port; ``requests``; ``clear()``; ``stop()``;
 also a context manager) or as a process: ``python tests/standin.py --port 0 --port-file F`` (keys from
@@ -134,6 +145,8 @@ MESSAGES, ANTHROPIC_COUNT = "anthropic.messages", "anthropic.count_tokens"
 GENERATE, STREAM_GENERATE, GEMINI_COUNT = "gemini.generate", "gemini.stream_generate", "gemini.count_tokens"
 OPENAI_MODELS, ANTHROPIC_MODELS, GEMINI_MODELS = "openai.models", "anthropic.models", "gemini.models"
 TRANSCRIPTIONS, REALTIME = "openai.transcriptions", "openai.realtime"
+RESPONSES_WS = "openai.responses_ws"  # the upgrade of GET …/v1/responses (Responses API WebSocket mode)
+WS_EVENT = "ws.event"  # a client event received on an open WebSocket (recorded with method "WS")
 _ALIASES = {"openai": CHAT, "chat": CHAT, "completions": COMPLETIONS, "responses": RESPONSES,
             "embeddings": EMBEDDINGS, "anthropic": MESSAGES, "messages": MESSAGES, "gemini": GENERATE,
             STREAM_GENERATE: GENERATE}
@@ -348,24 +361,38 @@ def answer_responses(body: dict, model: str, u: dict[str, int], stream: bool) ->
             "truncation": "disabled", "usage": _responses_usage(u), "user": None, "metadata": {}}
     if not stream:
         return Answer(resp)
+    frames = [_sse(e, event=e["type"]) for e in _responses_events(resp, message, text_part)]
+    return Answer(frames=frames, content_type="text/event-stream; charset=utf-8")
+
+
+def _responses_events(resp: dict, message: dict, text_part: dict) -> list[dict]:
+    """The event sequence OpenAI streams for a text answer (SSE, and WebSocket mode alike)."""
     seq = itertools.count()
     started = {**resp, "status": "in_progress", "output": [], "usage": None}
     item0 = {**message, "status": "in_progress", "content": []}
-    where = {"item_id": mid, "output_index": 0}
+    where = {"item_id": message["id"], "output_index": 0}
 
-    def ev(kind: str, **data: Any) -> bytes:
-        return _sse({"type": kind, "sequence_number": next(seq), **data}, event=kind)
+    def ev(kind: str, **data: Any) -> dict:
+        return {"type": kind, "sequence_number": next(seq), **data}
 
-    frames = [ev("response.created", response=started), ev("response.in_progress", response=started),
+    events = [ev("response.created", response=started), ev("response.in_progress", response=started),
               ev("response.output_item.added", output_index=0, item=item0),
               ev("response.content_part.added", **where, content_index=0, part={**text_part, "text": ""})]
-    frames += [ev("response.output_text.delta", **where, content_index=0, delta=p, logprobs=[])
+    events += [ev("response.output_text.delta", **where, content_index=0, delta=p, logprobs=[])
                for p in ANSWER_PIECES]
-    frames += [ev("response.output_text.done", **where, content_index=0, text=ANSWER, logprobs=[]),
+    events += [ev("response.output_text.done", **where, content_index=0, text=ANSWER, logprobs=[]),
                ev("response.content_part.done", **where, content_index=0, part=text_part),
                ev("response.output_item.done", output_index=0, item=message),
                ev("response.completed", response=resp)]
-    return Answer(frames=frames, content_type="text/event-stream; charset=utf-8")
+    return events
+
+
+def responses_ws_events(body: dict, model: str, u: dict[str, int]) -> list[dict]:
+    """One turn of the Responses API's WebSocket mode: the streamed event sequence, as JSON objects."""
+    ans = answer_responses(body, model, u, stream=False)
+    resp = ans.body
+    message = resp["output"][0]
+    return _responses_events(resp, message, message["content"][0])
 
 
 def _embedding(i: int, dims: int, fmt: str | None) -> Any:
@@ -526,6 +553,8 @@ def route(method: str, path: str, headers: dict[str, str]) -> Route | None:
         return None
     if method == "GET" and rest.endswith("/realtime") and "websocket" in headers.get("upgrade", "").lower():
         return Route(segment, provider, REALTIME, None, flavour, auth)
+    if method == "GET" and rest.endswith("/responses") and "websocket" in headers.get("upgrade", "").lower():
+        return Route(segment, provider, RESPONSES_WS, None, flavour, auth)
     if method == "GET" and (rest.endswith("/models") or _MODEL_ID.search(rest)):
         m = _MODEL_ID.search(rest)
         model_id = m.group(1) if m else None
@@ -811,8 +840,8 @@ def _ws_frame(opcode: int, payload: bytes) -> bytes:
     return head + payload
 
 
-async def _ws_read(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """(opcode, payload) of one client frame (masked, as clients must send them)."""
+async def _ws_read_frame(reader: asyncio.StreamReader) -> tuple[bool, int, bytes]:
+    """(fin, opcode, payload) of one client frame (masked, as clients must send them)."""
     b1, b2 = await reader.readexactly(2)
     n = b2 & 0x7F
     if n == 126:
@@ -822,8 +851,24 @@ async def _ws_read(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     mask = await reader.readexactly(4) if b2 & 0x80 else b"\0\0\0\0"
     data = await reader.readexactly(n)
     if b2 & 0x80:
-        data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-    return b1 & 0x0F, data
+        m = (mask * (n // 4 + 1))[:n]  # XOR as one big integer: a per-byte loop is slow for large events
+        data = (int.from_bytes(data, "big") ^ int.from_bytes(m, "big")).to_bytes(n, "big")
+    return bool(b1 & 0x80), b1 & 0x0F, data
+
+
+async def _ws_read_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(opcode, payload) of one whole client message, its fragments (continuation frames) joined: a proxy
+    re-fragments a message it edits. Control frames between fragments are returned as they come."""
+    opcode, parts = None, []
+    while True:
+        fin, op, data = await _ws_read_frame(reader)
+        if op >= 0x8:
+            return op, data
+        if op != 0x0:
+            opcode = op
+        parts.append(data)
+        if fin:
+            return opcode if opcode is not None else 0x1, b"".join(parts)
 
 
 _ANSWERS = {CHAT: answer_chat, COMPLETIONS: answer_completions, RESPONSES: answer_responses,
@@ -967,8 +1012,8 @@ class Standin:
                                               f"(content-encoding {req.headers.get('content-encoding')!r})."))
         if bad_json:
             return await send(400, error_body(r.flavour, 400, "We could not parse the JSON body of your request."))
-        if r.api == REALTIME:
-            return await self._realtime(req, reader, writer, model)
+        if r.api in (REALTIME, RESPONSES_WS):
+            return await self._websocket(req, r, reader, writer, model)
         if r.api in (OPENAI_MODELS, ANTHROPIC_MODELS, GEMINI_MODELS):
             return await send(200, models_list(r.api, r.path_model))
         if not model:
@@ -1060,53 +1105,130 @@ class Standin:
         await writer.drain()
         return True
 
-    async def _realtime(self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        model: str) -> bool:
-        """An OpenAI Realtime session over WebSocket (see the module docstring). Always ends the connection."""
+    async def _websocket(self, req: _Request, r: Route, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter, model: str) -> bool:
+        """A WebSocket session (see the module docstring): OpenAI Realtime, or the Responses API's WebSocket
+        mode. Every client text event is recorded (method "WS"); each response.create is answered in its own
+        task (Realtime answers may overlap; Responses mode answers one at a time, as OpenAI does). Always ends
+        the connection."""
         key = req.headers.get("sec-websocket-key")
         if not key:
             return await self._send(writer, 400, error_body("openai", 400, "Sec-WebSocket-Key is required"),
                                     keep=False)
         writer.write(_head(101, {"upgrade": "websocket", "connection": "Upgrade",
                                  "sec-websocket-accept": _ws_accept(key)}))
+        realtime = r.api == REALTIME
+        path = urlsplit(req.target).path
+        lanes: dict[Any, asyncio.Lock] = {}  # Responses mode: one lane per stream_id, answered in order
+        tasks: set[asyncio.Task] = set()
 
         def event(obj: dict) -> None:
-            writer.write(_ws_frame(0x1, json.dumps(obj, separators=(",", ":")).encode()))
+            if not writer.is_closing():
+                writer.write(_ws_frame(0x1, json.dumps(obj, separators=(",", ":")).encode()))
 
-        event({"type": "session.created", "event_id": f"event_{next(_ids)}",
-               "session": {"id": f"sess_standin{next(_ids):06d}", "object": "realtime.session", "model": model}})
-        await writer.drain()
-        u = expected_usage(CHAT, {"messages": [{}]}, model)
-        while True:
-            opcode, data = await _ws_read(reader)
-            if opcode == 0x8:  # close: answer it and end
-                writer.write(_ws_frame(0x8, data[:2]))
-                await writer.drain()
-                return False
-            if opcode == 0x9:  # ping
-                writer.write(_ws_frame(0xA, data))
-                await writer.drain()
-                continue
-            if opcode != 0x1:
-                continue
-            try:
-                msg = json.loads(data)
-            except ValueError:
-                msg = {}
-            if msg.get("type") != "response.create":
-                continue
-            rid = f"resp_standin{next(_ids):06d}"
-            event({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
-            for p in ANSWER_PIECES:
-                event({"type": "response.output_text.delta", "response_id": rid, "delta": p})
-            event({"type": "response.done", "response": {
-                "id": rid, "object": "realtime.response", "status": "completed",
-                "usage": {"total_tokens": u["input_tokens"] + u["output_tokens"], "input_tokens": u["input_tokens"],
-                          "output_tokens": u["output_tokens"],
-                          "input_token_details": {"cached_tokens": 0, "text_tokens": u["input_tokens"],
-                                                  "audio_tokens": 0},
-                          "output_token_details": {"text_tokens": u["output_tokens"], "audio_tokens": 0}}}})
+        if realtime:
+            event({"type": "session.created", "event_id": f"event_{next(_ids)}",
+                   "session": {"id": f"sess_standin{next(_ids):06d}", "object": "realtime.session", "model": model}})
             await writer.drain()
+        try:
+            while True:
+                opcode, data = await _ws_read_message(reader)
+                if opcode == 0x8:  # close: answer it and end
+                    writer.write(_ws_frame(0x8, data[:2]))
+                    await writer.drain()
+                    return False
+                if opcode == 0x9:  # ping
+                    writer.write(_ws_frame(0xA, data))
+                    await writer.drain()
+                    continue
+                if opcode != 0x1:
+                    continue
+                try:
+                    msg = json.loads(data)
+                except ValueError:
+                    msg = None
+                if not isinstance(msg, dict):
+                    event({"type": "error", "status": 400, "error": {
+                        "type": "invalid_request_error", "code": "invalid_json", "message": "Invalid JSON", "param": None}})
+                    await writer.drain()
+                    continue
+                body = (msg.get("response") or {}) if realtime else msg
+                turn_model = str((body.get("model") if isinstance(body, dict) else None) or model or "")
+                with self._lock:
+                    self._records.append(Recorded("WS", path, {}, {}, data, time.time(), provider=r.segment,
+                                                  api=WS_EVENT, model=turn_model or None))
+                if msg.get("type") != "response.create":
+                    continue
+                lane = msg.get("stream_id")
+                turn = self._realtime_turn(event, writer, msg, turn_model) if realtime else \
+                    self._responses_turn(event, writer, body, turn_model,
+                                         lanes.setdefault(lane, asyncio.Lock()), lane)
+                t = asyncio.ensure_future(turn)
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _responses_turn(self, send, writer: asyncio.StreamWriter, body: dict, model: str,
+                              lock: asyncio.Lock, lane: Any) -> None:
+        k = knobs(model)
+
+        def event(obj: dict) -> None:  # every event of a lane echoes its stream_id, as OpenAI's do
+            send({**obj, "stream_id": lane} if isinstance(lane, str) else obj)
+
+        async with lock:
+            if not model:
+                event({"type": "error", "status": 400, "error": {"type": "invalid_request_error",
+                       "code": "missing_required_parameter", "message": "Missing required parameter: 'model'.",
+                       "param": "model"}})
+                return
+            if k.delay_ms:
+                await asyncio.sleep(k.delay_ms / 1000)
+            if k.hang:
+                await asyncio.Event().wait()
+            if k.error:
+                event({"type": "error", "status": k.error, "error": {
+                    "type": "invalid_request_error" if k.error < 500 else "server_error",
+                    "code": "rate_limit_exceeded" if k.error == 429 else None,
+                    "message": f"Stand-in error {k.error} for {model}", "param": None}})
+                await writer.drain()
+                return
+            u = expected_usage(RESPONSES, body, model)
+            events = responses_ws_events(body, model, u)
+            if body.get("generate") is False:  # a prewarm (Codex sends one first): input read, nothing generated
+                done = events[-1]["response"]
+                done.update(output=[], usage=_responses_usage({**u, "output_tokens": 0, "reasoning_tokens": 0}))
+                events = [events[0], events[-1]]
+            if k.no_usage:
+                events[-1]["response"]["usage"] = None
+            for i, obj in enumerate(events):
+                if i and k.pace_ms:
+                    await asyncio.sleep(k.pace_ms / 1000)
+                if k.die and i == 2:
+                    writer.transport.abort()  # the provider goes away mid-turn (no close frame)
+                    return
+                event(obj)
+                await writer.drain()
+
+    async def _realtime_turn(self, event, writer: asyncio.StreamWriter, msg: dict, model: str) -> None:
+        k = knobs(model)
+        u = expected_usage(CHAT, {"messages": [{}]}, model)
+        rid = f"resp_standin{next(_ids):06d}"
+        event({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
+        for i, p in enumerate(ANSWER_PIECES):
+            if k.pace_ms:
+                await asyncio.sleep(k.pace_ms / 1000)
+            event({"type": "response.output_text.delta", "response_id": rid, "delta": p})
+            await writer.drain()
+        event({"type": "response.done", "response": {
+            "id": rid, "object": "realtime.response", "status": "completed",
+            "usage": {"total_tokens": u["input_tokens"] + u["output_tokens"], "input_tokens": u["input_tokens"],
+                      "output_tokens": u["output_tokens"],
+                      "input_token_details": {"cached_tokens": u["cached_input_tokens"],
+                                              "text_tokens": u["input_tokens"], "audio_tokens": 0},
+                      "output_token_details": {"text_tokens": u["output_tokens"], "audio_tokens": 0}}}})
+        await writer.drain()
 
     async def _control(self, req: _Request, path: str, writer: asyncio.StreamWriter) -> bool:
         if req.method == "GET" and path == "/_standin/requests":

@@ -32,11 +32,12 @@ from mitmproxy.net.http.url import hostport
 from . import headers as hdrs
 
 from . import providers as prov
-from . import native_errors, tokens, unified
+from . import native_errors, tokens, unified, wsturns
 from .auth import Authenticator
 from .budgets import Refusal
 from .controls import Controls
 from .exchange import Exchange
+from .keys import hash_key
 from .ledger import Ledger
 from .limits import Subject
 from .llmhosts import Unmanaged, UnmanagedHosts
@@ -78,6 +79,7 @@ class Gateway:
         self.ledger: Ledger | None = None
         self.live: dict[str, Exchange] = {}
         self.flows: dict[str, http.HTTPFlow] = {}  # the flows of self.live, for done()
+        self.sessions: dict[str, tuple[http.HTTPFlow, wsturns.Session]] = {}  # open WebSockets, by flow id
         self.redactor = RedactingFilter()
         self.unmanaged = UnmanagedHosts()
         self._estimator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-estimate")
@@ -175,6 +177,9 @@ class Gateway:
                     ex.usage = Usage(source="estimated", input_tokens=tokens.rough_tokens(ex.body_size))
             self._finish(flow, ex, time.time())
         self.flows.clear()
+        for flow, s in list(self.sessions.values()):
+            self._end_session(flow, s, "client_aborted", "the gateway shut down during the turn")
+        self.sessions.clear()
         for task in (self._watcher, self._sweeper):
             if task is not None:
                 task.cancel()
@@ -193,6 +198,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(POLICY_POLL)
+            if self.sessions:
+                self._sweep_sessions()
             if self.controls is not None and self.ledger is not None:
                 status = {"written_at": time.time(), "pid": os.getpid(), "budgets": self.controls.budgets.status()}
                 loop.run_in_executor(self._io, write_status, status_path(self.ledger.path), status)
@@ -264,13 +271,16 @@ class Gateway:
         b = self.controls.budgets.spend_unknown(ident.user_id, ex.tier)
         if b is None:
             return True
+        self._refuse_spend_unknown(flow, ex, b)
+        return False
+
+    def _refuse_spend_unknown(self, flow, ex: Exchange, b) -> None:
         why = self._spend_error or (f"the ledger is busy: {self.ledger.problem}" if self.ledger and
                                     self.ledger.problem else "the ledger has not answered yet")
         self._refuse(flow, ex, 503, "budget_spend_unknown", "gateway_error",
                      f"tollgate has not read this period's spend of budget {b.id!r} from the ledger yet ({why}); "
                      f"an enforcing budget admits nothing until it knows it. Retry shortly.",
                      headers={"retry-after": "5"})
-        return False
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -371,6 +381,8 @@ class Gateway:
             return self._refuse(flow, ex, 401, "invalid_api_key", "unauthorized",
                                 "no API key was presented; use a tollgate virtual key")
         ident, why = self.auth.identify(cred.value)
+        if ident is not None and hdrs.get(req.headers, b"upgrade") is not None:
+            ex.key_hash = hash_key(cred.value)  # a WebSocket: each of its turns checks the key again
         cred.value = ""  # the virtual key itself is not kept past its hash lookup
         ex.cred, ex.identity = cred, ident
         _write_credential(req, cred, f"{REDACTED}:{ident.key_id if ident else 'rejected'}")
@@ -406,7 +418,14 @@ class Gateway:
         ex.kind, ex.model, ex.stream = facts.kind, facts.model, facts.stream
         ex.max_output_tokens = facts.max_output_tokens
         ex.body = body
-        if not self._admit(flow, ex):
+        if ex.key_hash is not None and _is_websocket(req):
+            # A WebSocket is not a request the provider bills: each of its turns is admitted on its own.
+            ex.kind = "websocket"
+            if wsturns.mode_for(ex.wire, ex.endpoint) is None:
+                return self._refuse(flow, ex, 400, "invalid_request", "gateway_error",
+                                    f"tollgate meters WebSocket sessions on the Responses (/v1/responses) and "
+                                    f"Realtime (/v1/realtime) APIs only; {ex.endpoint} would go unmetered")
+        elif not self._admit(flow, ex):
             return
         extra = None
         if facts.stream and not facts.include_usage and facts.kind in ("chat", "completions") \
@@ -472,6 +491,8 @@ class Gateway:
             self._salvage(flow, ex, "response")
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self.sessions:
+            return await self.websocket_end(flow)
         ex = self.live.pop(flow.id, None)
         self.flows.pop(flow.id, None)
         if ex is None:
@@ -531,13 +552,24 @@ class Gateway:
         resp = flow.response
         assert resp is not None
         ex.status_code = resp.status_code
-        if resp.status_code == 101 and flow.websocket is not None and ex.outcome == "ok":
-            # A WebSocket session (OpenAI Realtime): metered from the provider's response.done events and
-            # recorded when it ends, holding its concurrency slot and budget reservation until then.
-            ex.kind = "realtime"
-            ex.model = ex.model or flow.request.query.get("model")
-            self.live[flow.id], self.flows[flow.id] = ex, flow
-            return
+        if resp.status_code == 101 and ex.outcome == "ok":
+            mode = wsturns.mode_for(ex.wire, ex.endpoint)
+            if flow.websocket is not None and mode is not None:
+                # The socket itself gets no row: each of its turns is admitted and recorded (websocket_message).
+                if ex.kind != "websocket":  # (upgraded although the request did not look like an upgrade)
+                    self._release(ex)
+                query = flow.request.query
+                model = (query.get("model") or query.get("deployment")) if mode == wsturns.REALTIME else None
+                self.sessions[flow.id] = (flow, wsturns.Session(mode, model, ex, ex.key_hash))
+                ex.key_hash = None
+                flow.comment = self._session_comment(self.sessions[flow.id][1])
+                return
+            # Any other protocol switch on a provider host (raw TCP, a socket on another path) would be an
+            # unmetered channel: cut it before mitmproxy hands the connection over.
+            if flow.killable:
+                flow.kill()
+            ex.outcome, ex.error = "gateway_error", "an upgrade tollgate cannot meter was cut"
+            ex.usage = Usage()
         if ex.outcome == "ok" and ex.kind != "models":
             if resp.status_code >= 400:
                 ex.outcome = "upstream_error"
@@ -567,30 +599,273 @@ class Gateway:
                 await self._estimate(ex)  # the app gave up while the provider was working on the prompt
         self._finish(flow, ex, flow.error.timestamp if flow.error else None)
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        ex = self.live.get(flow.id)
-        if ex is None or ex.kind != "realtime" or flow.websocket is None:
-            return
-        msg = flow.websocket.messages[-1]
-        if msg.from_client or not msg.is_text or b'"response.done"' not in msg.content:
-            return
-        data = prov.loads(msg.content)
-        resp = data.get("response") if isinstance(data, dict) else None
-        u = prov.usage_from_json("openai", "responses", resp if isinstance(resp, dict) else None)
-        if u is not None:
-            prev = ex.usage or Usage()
-            ex.usage = Usage(prev.input_tokens + u.input_tokens, prev.output_tokens + u.output_tokens,
-                             prev.cached_input_tokens + u.cached_input_tokens,
-                             prev.cache_write_tokens + u.cache_write_tokens, prev.reasoning_tokens + u.reasoning_tokens)
+    # --- WebSocket sessions: every response.create is a turn, admitted and recorded like a request -----------
 
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
-        ex = self.live.pop(flow.id, None)
-        self.flows.pop(flow.id, None)
-        if ex is None:
+    def websocket_message(self, flow: http.HTTPFlow):
+        # Sync (every server delta passes here), except for a large client event: that returns a coroutine,
+        # which mitmproxy awaits before relaying, so the JSON is parsed off the loop, as for a large POST.
+        entry = self.sessions.get(flow.id)
+        if entry is None or flow.websocket is None:
+            return None
+        msg = flow.websocket.messages[-1]
+        if msg.injected:  # our own error events
+            return None
+        s = entry[1]
+        if msg.from_client:
+            if len(msg.content) > BIG_BODY and msg.is_text:
+                return self._large_client_event(flow, s, msg)
+            try:
+                self._client_event(flow, s, msg)
+            except Exception:
+                self._client_event_failed(flow, s, msg)
+            return None
+        try:
+            step = s.server_event(msg.content)
+            if step is not None:
+                self._server_step(flow, s, step)
+        except Exception:  # the event is relayed; its turn is billed when it ends or the socket does
+            log.exception("tollgate: reading a server WebSocket event failed")
+
+    async def _large_client_event(self, flow: http.HTTPFlow, s: wsturns.Session, msg) -> None:
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self._io, prov.loads, msg.content)
+            self._client_event(flow, s, msg, data)
+        except Exception:
+            self._client_event_failed(flow, s, msg)
+
+    def _client_event_failed(self, flow: http.HTTPFlow, s: wsturns.Session, msg) -> None:
+        """Fail closed: a turn the gateway could not admit is not forwarded."""
+        log.exception("tollgate: websocket_message hook failed; the client event is dropped")
+        msg.drop()
+        self._inject(flow, wsturns.error_event(s.mode, 500, {
+            "type": "server_error", "code": "gateway_error",
+            "message": "tollgate could not process this event; it was not forwarded"}))
+
+    def _client_event(self, flow: http.HTTPFlow, s: wsturns.Session, msg, data: Any = wsturns._UNPARSED) -> None:
+        ev = wsturns.read_client(msg.content, msg.is_text, s.mode, data)
+        if ev is None:
+            return  # not a turn (session.update, audio, item edits...): forwarded as it is
+        if ev.error is not None:
+            msg.drop()
+            log.info("tollgate: client WebSocket event refused on %s: %s", s.template.endpoint, ev.error)
+            self._inject(flow, wsturns.error_event(s.mode, 400, {
+                "type": "invalid_request_error", "code": "invalid_event",
+                "message": f"tollgate: {ev.error}; the event was not forwarded"}))
             return
-        if ex.usage is None:
-            ex.usage = Usage(source="estimated")
-        self._finish(flow, ex, time.time())
+        turn = self._new_turn(s, ev.body, len(msg.content), time.time())
+        turn.event_id, turn.stream_id = ev.event_id, ev.stream_id
+        refusal = self._admit_turn(flow, s, turn)
+        if refusal is not None:
+            msg.drop()
+            self._inject(flow, refusal)
+            turn.ex.body = None
+            self._finish_turn(flow, s, turn, time.time())
+            return
+        if s.mode == wsturns.REALTIME and turn.event_id is None:
+            msg.content, turn.event_id = wsturns.with_event_id(msg.content)
+        s.open(turn)
+
+    def _new_turn(self, s: wsturns.Session, body: dict | None, size: int, now: float) -> wsturns.Turn:
+        t = s.template
+        ex = Exchange(provider=t.provider, endpoint=t.endpoint, started=now, wire=t.wire, unified=t.unified)
+        ex.identity, ex.tier = t.identity, t.tier
+        ex.kind, ex.stream = "responses", True
+        body = body or {}
+        ex.model, ex.max_output_tokens, carried = s.turn_facts(body)
+        ex.body = body
+        # The context the provider holds for this turn (previous_response_id, a Realtime conversation) is input
+        # it bills: counted into the worst case, at the 3 bytes per token the reservation assumes.
+        ex.body_size = size + 3 * carried
+        return wsturns.Turn(ex=ex, started=now, carried=carried)
+
+    def _admit_turn(self, flow: http.HTTPFlow, s: wsturns.Session, turn: wsturns.Turn) -> bytes | None:
+        """The POST's admission for one turn: the key again, then _admit. None, or the error event to send."""
+        ex = turn.ex
+        shadow = _TurnFlow(flow)
+        ident, why = self.auth.identify_hash(s.key_hash) if s.key_hash else (None, "no API key")
+        if ident is None:
+            self._refuse(shadow, ex, 401, "invalid_api_key", "unauthorized", why)
+        else:
+            ex.identity = ident
+            ex.tier = self.controls.budgets.tier_of(ident.user_id, ident.tier)
+            if ex.provider is not None and not ex.provider.api_key:
+                self._refuse_missing_key(shadow, ex)
+            elif self._spend is not None and (b := self.controls.budgets.spend_unknown(ident.user_id, ex.tier)):
+                self._refuse_spend_unknown(shadow, ex, b)  # (a turn cannot wait for it: the socket would stall)
+            elif self._admit(shadow, ex):
+                return None
+        resp = shadow.response
+        data = prov.loads(resp.content) if resp is not None else None
+        err = data.get("error") if isinstance(data, dict) else None
+        if not isinstance(err, dict):
+            err = {"type": "server_error", "code": "gateway_error", "message": ex.error or "refused"}
+        return wsturns.error_event(s.mode, ex.status_code or 500, err, turn.event_id)
+
+    def _server_step(self, flow: http.HTTPFlow, s: wsturns.Session, step: wsturns.Step) -> None:
+        now = time.time()
+        if step.unsolicited is not None:
+            # The server began a response on its own (Realtime voice activity): admitted now, as it starts.
+            turn = self._new_turn(s, {}, 0, now)
+            turn.first = now
+            rid = step.unsolicited.get("id") if isinstance(step.unsolicited.get("id"), str) else None
+            refusal = self._admit_turn(flow, s, turn)
+            s.adopt(turn, rid)
+            if refusal is not None:  # too late to keep it from the provider: stop it, and bill what it produced
+                self._inject(flow, refusal)
+                if rid and s.mode == wsturns.REALTIME:
+                    self._inject(flow, json.dumps({"type": "response.cancel", "response_id": rid}).encode(),
+                                 to_client=False)
+        for turn in step.ended:
+            ex = turn.ex
+            ex.response_model = turn.response_model
+            if turn.usage is not None:
+                ex.usage = turn.usage
+                ex.status_code = ex.status_code or 200
+                if turn.error is not None:
+                    ex.outcome, ex.error = "upstream_error", turn.error
+            elif turn.error is not None and turn.response_id is None:
+                # Refused by the provider before it began: providers bill nothing for that.
+                ex.outcome, ex.error, ex.status_code = "upstream_error", turn.error, turn.error_status
+                ex.usage = Usage()
+            else:  # ended without a usage report: estimated (off the loop), then recorded
+                ex.status_code = ex.status_code or 200
+                if turn.error is not None:
+                    ex.outcome, ex.error = "upstream_error", turn.error
+                asyncio.ensure_future(self._estimate_turn(flow, s, turn))
+                continue
+            self._finish_soon(flow, s, turn, turn.ended or now)
+
+    def _sweep_sessions(self) -> None:
+        """A create the provider has not begun within gateway.upstream_timeout ends as upstream_error (0 tokens:
+        nothing was produced), as a request without an answer does; its slot and reservation are freed."""
+        timeout = self.policy.gateway.upstream_timeout if self.policy else 600.0
+        now = time.time()
+        for flow, s in list(self.sessions.values()):
+            for turn in s.overdue(now - timeout):
+                ex = turn.ex
+                ex.outcome, ex.error = "upstream_error", f"no answer from the provider within {timeout:g} s"
+                ex.usage = Usage()
+                self._finish_turn(flow, s, turn, now)
+
+    def _finish_soon(self, flow: http.HTTPFlow, s: wsturns.Session, turn: wsturns.Turn, end: float) -> None:
+        """Record a turn right after its final event is relayed: pricing, settling and the row (~0.2 ms) stay
+        off the app's wait, and run before the loop reads anything else (so before the app's next create).
+        (For HTTP this was rejected because mitmproxy's -w saves a flow in the same event; a socket's flow
+        is saved only when it closes, and websocket_end settles what is still waiting first.)"""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (the hook called directly, in tests): at once
+            return self._finish_turn(flow, s, turn, end)
+        s.settling.append(turn)
+        loop.call_soon(self._settle, flow, s, turn, end)
+
+    def _settle(self, flow: http.HTTPFlow, s: wsturns.Session, turn: wsturns.Turn, end: float) -> None:
+        if turn not in s.settling:
+            return  # settled already (websocket_end, done)
+        s.settling.remove(turn)
+        try:
+            self._finish_turn(flow, s, turn, end)
+        except Exception:
+            log.exception("tollgate: recording WebSocket turn %s failed; its slot and reservation are released",
+                          turn.ex.request_id)
+            self._release(turn.ex)
+
+    def _settle_all(self, flow: http.HTTPFlow, s: wsturns.Session) -> None:
+        for turn in list(s.settling):
+            self._settle(flow, s, turn, turn.ended or time.time())
+
+    async def _estimate_turn(self, flow: http.HTTPFlow, s: wsturns.Session, turn: wsturns.Turn) -> None:
+        ex = turn.ex
+        try:
+            ex.answer_text = turn.output_text()
+            await self._estimate(ex)
+            ex.usage.input_tokens += turn.carried
+        except Exception:  # an estimate must never lose the row
+            log.exception("tollgate: estimating turn %s failed", ex.request_id)
+            ex.usage = Usage(source="estimated", input_tokens=tokens.rough_tokens(ex.body_size))
+        self._finish_turn(flow, s, turn, turn.ended or time.time())
+
+    def _finish_turn(self, flow: http.HTTPFlow, s: wsturns.Session, turn: wsturns.Turn, end: float) -> None:
+        """A turn's row: priced, its slot and reservation settled (as _finish does for a request)."""
+        ex = turn.ex
+        ex.body = None
+        ex.answer_text = ""
+        # (A turn refused after the provider began it, unasked, still used what its usage says.)
+        billed = ex.usage is not None and ex.provider is not None
+        if billed:
+            ex.cost = self.pricer.cost(ex.provider.name, ex.provider.prices_id, ex.model or ex.response_model,
+                                       ex.usage)
+        self._release(ex, ex.cost, settle=billed)
+        ex.latency_ms = round((end - turn.started) * 1000, 3)
+        if turn.first is not None and ex.usage is not None:
+            ex.ttft_ms = round((turn.first - turn.started) * 1000, 3)
+        s.add(ex)
+        self._session_summary(flow, s)  # (per turn: mitmproxy's -w saves the flow before our websocket_end)
+        if ex.outcome != "ok":
+            log.info("tollgate: %s %s %s (WebSocket turn): %s", ex.outcome, ex.provider.name if ex.provider else "?",
+                     ex.endpoint, ex.error or ex.status_code)
+        if self.ledger is not None:
+            self.ledger.record(ex.row())
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        entry = self.sessions.pop(flow.id, None)
+        if entry is None:
+            return
+        ws = flow.websocket
+        by_client = ws is None or ws.closed_by_client is not False
+        try:
+            await self._end_session_async(flow, entry[1], "client_aborted" if by_client else "upstream_error")
+        except Exception:
+            log.exception("tollgate: closing a WebSocket session failed; its turns are recorded estimated")
+            self._end_session(flow, entry[1], "client_aborted" if by_client else "upstream_error",
+                              "the WebSocket closed during the turn")
+
+    async def _end_session_async(self, flow: http.HTTPFlow, s: wsturns.Session, outcome: str) -> None:
+        """The socket closed: turns still in flight bill what they produced (estimated, as a cut stream)."""
+        self._settle_all(flow, s)
+        for turn in s.close():
+            ex = turn.ex
+            ex.outcome, ex.error = outcome, "the WebSocket closed during the turn"
+            if turn.response_id is not None or turn.first is not None:
+                ex.status_code = 200
+            ex.answer_text = turn.output_text()
+            await self._estimate(ex)
+            ex.usage.input_tokens += turn.carried
+            self._finish_turn(flow, s, turn, time.time())
+        self._session_summary(flow, s)
+
+    def _end_session(self, flow: http.HTTPFlow, s: wsturns.Session, outcome: str, why: str) -> None:
+        """As _end_session_async, synchronously (shutdown, or a failure there): rough estimates only."""
+        self._settle_all(flow, s)
+        for turn in s.close():
+            ex = turn.ex
+            ex.outcome, ex.error = outcome, why
+            ex.usage = Usage(source="estimated", input_tokens=tokens.rough_tokens(ex.body_size))
+            self._finish_turn(flow, s, turn, time.time())
+        self._session_summary(flow, s)
+
+    def _session_summary(self, flow: http.HTTPFlow, s: wsturns.Session) -> None:
+        t = s.template
+        ident = t.identity
+        flow.metadata["tollgate"] = {
+            "request_id": t.request_id, "provider": t.provider.name if t.provider else None, "unified": t.unified,
+            "user": ident.user_id if ident else None, "key_id": ident.key_id if ident else None,
+            "kind": "websocket", "mode": s.mode, "turns": s.turns, "refused": s.refused,
+            "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
+            "cost_usd": str(s.cost) if s.cost is not None else None}
+        flow.comment = self._session_comment(s)
+
+    def _session_comment(self, s: wsturns.Session) -> str:
+        t = s.template
+        parts = [t.identity.user_id if t.identity else "?", f"WebSocket {t.endpoint}",
+                 f"{s.turns} turns" + (f" ({s.refused} refused)" if s.refused else ""),
+                 f"{s.input_tokens}→{s.output_tokens} tok"]
+        if s.cost is not None:
+            parts.append(f"${s.cost:.6f}")
+        return " · ".join(parts)
+
+    def _inject(self, flow: http.HTTPFlow, message: bytes, to_client: bool = True) -> None:
+        ctx.master.commands.call("inject.websocket", flow, to_client, message, True)
 
     # --- admission: rate limits, then budgets ---------------------------------------------------
 
@@ -832,6 +1107,20 @@ def _error_level() -> int:
         if type(h).__name__ == "ErrorCheckHandler":
             return logging.WARNING
     return logging.ERROR
+
+
+class _TurnFlow:
+    """What admission touches of a flow, for a WebSocket turn: a refusal lands here (to become an error event),
+    never on the socket's own 101."""
+
+    __slots__ = ("id", "request", "response", "metadata")
+
+    def __init__(self, flow: http.HTTPFlow):
+        self.id, self.request, self.response, self.metadata = flow.id, flow.request, None, {}
+
+
+def _is_websocket(req: http.Request) -> bool:
+    return (hdrs.get_str(req.headers, b"upgrade")).lower() == "websocket"
 
 
 def _file_sig(path) -> tuple | None:

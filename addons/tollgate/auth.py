@@ -57,7 +57,17 @@ class Authenticator:
             return MASTER, ""
         if not self.virtual_keys_enabled:
             return None, "virtual keys are disabled on this gateway"
-        h = hash_key(presented)
+        return self.identify_hash(hash_key(presented), now, master_checked=True)
+
+    def identify_hash(self, h: str, now: datetime | None = None,
+                      master_checked: bool = False) -> tuple[Identity | None, str]:
+        """identify() for a credential already hashed: a WebSocket's later turns check its key again this way,
+        so the key itself is not kept for the life of the socket."""
+        if not master_checked:
+            if self.master_key and hmac.compare_digest(h, hash_key(self.master_key)):
+                return MASTER, ""
+            if not self.virtual_keys_enabled:
+                return None, "virtual keys are disabled on this gateway"
         keys, active = self._table
         if now is None:
             hit = active.get(h)

@@ -37,6 +37,7 @@ class Exchange:
     request_id: str = field(default_factory=new_request_id)
     cred: Any = None  # providers.Credential: where the app put its key (the value is never kept)
     identity: Identity | None = None
+    key_hash: str | None = None  # WebSocket upgrades only: every turn checks the key again by it
     wire: str = "openai"  # the protocol whose formats the app speaks (errors, credentials)
     unified: bool = False  # came through the unified API (gateway.port), not the proxy
     tier: str | None = None  # the tier the request runs under (policy's shared_users, else the key's)

@@ -14,9 +14,9 @@ Observed and pinned behaviour (the closing note's "bad inputs" table):
 - 20 MB bodies are parsed off the event loop and forwarded; metered from the provider's usage.
 - Multipart (audio transcription) is forwarded with the real key; the model comes from the form's text fields
   and the provider's token usage is read.
-- An OpenAI Realtime WebSocket upgrade with a virtual key is authenticated, the key swapped (the provider never
-  sees the virtual key) and a row written at the 101; a real key or none is refused 401 before any upstream
-  connection. The session is metered from the provider's `response.done` events when the WebSocket ends.
+- An OpenAI Realtime WebSocket upgrade with a virtual key is authenticated and the key swapped (the provider
+  never sees the virtual key); a real key or none is refused 401 before any upstream connection. Each
+  `response.create` turn is a row, metered from its `response.done` (test_websocket.py has the rest).
 - Broken provider answers (not JSON, no usage, usage counts of the wrong type, cut short but ended cleanly)
   give an `ok` row with `estimated` tokens.
 
@@ -285,12 +285,12 @@ def test_realtime_websocket_upgrade(app, standin):
     assert s["status"] == 101
     assert [e["type"] for e in s["events"]][:2] == ["session.created", "response.created"]
     assert s["events"][-1]["type"] == "response.done"
-    seen = standin.requests[before:]
+    seen = [r for r in standin.requests[before:] if r.method == "GET"]
     assert len(seen) == 1 and seen[0].path == "/openai/v1/realtime"
     assert seen[0].headers["authorization"] == f"Bearer {REAL_KEYS['openai']}", "the virtual key reached the provider"
-    row = one_row(app, t0)
+    row = one_row(app, t0)  # the turn's row (the socket itself is none)
     assert (row["outcome"], row["status_code"], row["user_id"], row["endpoint"]) == (
-        "ok", 101, "bad", "/v1/realtime")
+        "ok", 200, "bad", "/v1/realtime")
 
     # A real key presented directly, or none: refused before any upstream connection, in OpenAI's format.
     for key in (REAL_KEYS["openai"], None):
@@ -298,7 +298,8 @@ def test_realtime_websocket_upgrade(app, standin):
         r = realtime_session(app, key)
         assert r["status"] == 401 and json.loads(r["body"])["error"]["code"] == "invalid_api_key", r
         assert one_row(app, t1)["outcome"] == "unauthorized"
-    assert len(standin.requests) == before + 1, "a refused upgrade reached the provider"
+    assert len([r for r in standin.requests[before:] if r.method == "GET"]) == 1, \
+        "a refused upgrade reached the provider"
     figure(f"realtime WebSocket: virtual key -> 101, provider saw the real key only, row ok (model {row['model']!r}, "
            f"{row['input_tokens']} in / {row['output_tokens']} out {row['token_source']}); real key / no key -> 401")
     still_serving(app)
@@ -307,9 +308,9 @@ def test_realtime_websocket_upgrade(app, standin):
 def test_realtime_session_usage_is_metered(app):
     t0 = time.time()
     realtime_session(app, app.key["key"], events=({"type": "response.create"}, {"type": "response.create"}))
-    row = one_row(app, t0)
-    assert row["model"] == "gpt-4o-realtime-preview"
-    assert (row["input_tokens"], row["output_tokens"], row["token_source"]) == (22, 16, "provider")
+    rows = settled_rows(app, since=t0, n=2)  # one row per turn
+    assert [(r["model"], r["input_tokens"], r["output_tokens"], r["token_source"]) for r in rows] == [
+        ("gpt-4o-realtime-preview", 11, 8, "provider")] * 2
 
 
 # --- broken provider answers -------------------------------------------------------------------------------------

@@ -69,3 +69,16 @@ def test_bench_hooks_mode(tmp_path: Path) -> None:
     for path in ("JSON", "SSE"):
         assert res[path]["warm"]["all"] > 0 and res[path]["evicted"]["all"] > 0
         assert res[path]["python"]["tollgate"]["functions"] > 10  # the hooks really ran tollgate's code
+
+
+@pytest.mark.timeout(420)
+def test_bench_ws_mode(tmp_path: Path, bench_env: dict[str, str]) -> None:
+    """scripts/bench --ws: turns on one socket through bare and tollgate; every turn is a row."""
+    out = tmp_path / "ws.json"
+    r = subprocess.run([str(BENCH), "--ws", "--rounds", "1", "--ws-turns", "10", "--json", str(out)],
+                       capture_output=True, text=True, env=bench_env, timeout=120)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+    assert "| WebSocket turns, c=1 (one socket per round) |" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    assert res["rows"] == res["sent"] == res["outcomes"]["ok"] > 10, res
+    assert len(res["tollgate"]["all"]) == len(res["bare"]["all"]) == 10
