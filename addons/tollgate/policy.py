@@ -244,7 +244,7 @@ def _validate_controls(doc: dict, budgeting: dict, alerts: dict, costs: dict, p:
     here so every reader of the policy (gateway start, hot reload, CLI) gets the same clear error."""
     from .budgets import Budgets
     from .limits import parse_rules
-    from .pricing import parse_costs
+    from .costs import parse_costs
 
     try:
         budgets = Budgets.from_policy(budgeting, alerts)
