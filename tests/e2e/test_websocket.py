@@ -1,6 +1,6 @@
 """WebSocket sessions through the gateway with the official SDK: every response.create is a metered turn.
 
-`client.responses.connect()` (the Responses API's WebSocket mode, `openai[realtime]`) dials
+`client.responses.connect(**WS)` (the Responses API's WebSocket mode, `openai[realtime]`) dials
 wss://api.openai.com/v1/responses through HTTPS_PROXY with the gateway's CA; the policy's base_url sends it
 to the stand-in, which speaks the protocol (tests/standin.py).
 """
@@ -17,6 +17,10 @@ import pytest
 from standin import WS_EVENT
 
 from .harness import REAL_KEYS, app_env, read_flows, realtime_session, scan_gateway, settled_rows
+
+# The handshake waits through mitmproxy and the stand-in on a busy 2-core machine: the websockets default of
+# 10 s was once not enough while a soak ran beside the suite.
+WS = {"websocket_connection_options": {"open_timeout": 30}}
 
 
 def _turn(conn, model: str, **params) -> list:
@@ -41,7 +45,7 @@ def test_turns_on_one_socket_are_rows_with_the_providers_usage(make_gateway, sta
     app_env(gw, monkeypatch)
     client = openai.OpenAI(api_key=key, max_retries=0)
     t0 = time.time()
-    with client.responses.connect() as conn:
+    with client.responses.connect(**WS) as conn:
         texts = []
         for model in ("gpt-4o-mini", "gpt-4o-mini-cached", "o3-mini"):
             evs = _turn(conn, model, input=[{"role": "user", "content": "hi"}])
@@ -84,7 +88,7 @@ def test_a_budget_spent_mid_socket_refuses_the_next_turn(make_gateway, standin, 
     app_env(gw, monkeypatch)
     client = openai.OpenAI(api_key=key, max_retries=0)
     t0 = time.time()
-    with client.responses.connect() as conn:
+    with client.responses.connect(**WS) as conn:
         first = _turn(conn, "gpt-4o-mini")
         assert first[-1].type == "response.completed"
         t1 = time.time()
@@ -109,7 +113,7 @@ def test_a_key_revoked_mid_socket_refuses_the_next_turn(make_gateway, standin, m
     app_env(gw, monkeypatch)
     client = openai.OpenAI(api_key=made["key"], max_retries=0)
     t0 = time.time()
-    with client.responses.connect() as conn:
+    with client.responses.connect(**WS) as conn:
         assert _turn(conn, "gpt-4o-mini")[-1].type == "response.completed"
         gw.tollgate("keys", "revoke", made["key_id"])
         deadline = time.monotonic() + 15
@@ -135,7 +139,7 @@ def test_rate_limits_count_turns_and_max_concurrent_counts_turns_not_sockets(mak
     client = openai.OpenAI(api_key=key, max_retries=0)
     t0 = time.time()
     # Two sockets open at once: max_concurrent 1 does not refuse the second socket, only overlapping turns.
-    with client.responses.connect() as a, client.responses.connect() as b:
+    with client.responses.connect(**WS) as a, client.responses.connect(**WS) as b:
         assert _turn(a, "gpt-4o-mini")[-1].type == "response.completed"
         assert _turn(b, "gpt-4o-mini")[-1].type == "response.completed"
         evs = _turn(a, "gpt-4o-mini")  # the third request in a minute
@@ -150,7 +154,7 @@ def test_concurrent_turns_hold_one_slot_each(make_gateway, standin, monkeypatch)
     app_env(gw, monkeypatch)
     client = openai.OpenAI(api_key=key, max_retries=0)
     t0 = time.time()
-    with client.responses.connect() as conn:
+    with client.responses.connect(**WS) as conn:
         conn.response.create(model="gpt-4o-mini-paced-100", input="hi", stream_id="a")
         conn.response.create(model="gpt-4o-mini", input="hi", stream_id="b")  # while the first is in flight
         seen = []
@@ -283,7 +287,7 @@ def test_provider_error_event_ends_the_turn_unbilled(make_gateway, standin, monk
     app_env(gw, monkeypatch)
     client = openai.OpenAI(api_key=key, max_retries=0)
     t0 = time.time()
-    with client.responses.connect() as conn:
+    with client.responses.connect(**WS) as conn:
         evs = _turn(conn, "gpt-4o-mini-error-400")
         assert evs[-1].type == "error"
         assert _turn(conn, "gpt-4o-mini")[-1].type == "response.completed"
@@ -341,7 +345,7 @@ def test_an_unpriced_model_under_an_enforcing_budget_refuses_the_turn(make_gatew
     app_env(gw, monkeypatch)
     client = openai.OpenAI(api_key=key, max_retries=0)
     t0 = time.time()
-    with client.responses.connect() as conn:
+    with client.responses.connect(**WS) as conn:
         evs = _turn(conn, "no-such-model-anywhere")  # the same admission as a POST: no price, no turn
         assert evs[-1].type == "error" and evs[-1].status == 403 and evs[-1].error.code == "model_not_priced", evs
         assert "budgeting.costs" in evs[-1].error.message
