@@ -707,7 +707,7 @@ class Ledger:
         self._keys_sig: tuple[int, int] | None = None
         self._keys_at = -math.inf
         self._file_seen: tuple | None = None
-        self._queries: list[tuple[str | Callable, list, Future]] = []  # reads for the writer thread to run
+        self._queries: list[tuple[Callable, Future]] = []  # reads for the writer thread to run (call)
         # For measurements and /health: inserts, rows inserted, lock conflicts met, seconds the file was held,
         # and the writer thread's CPU seconds (time.thread_time, so it counts only this thread's work: what
         # the writer takes from the proxy's cores, whatever the machine's other load).
@@ -727,25 +727,15 @@ class Ledger:
         with self._lock:
             return self._recorded - self._landed + self._replay
 
-    def query(self, sql: str, params: list | None = None) -> Future:
-        """Run a read query on the writer thread, after every earlier run's spool has landed.
-
-        One process must not open the file twice (DuckDB's locks are per process), so the gateway's own
-        reads — budget spend at start — go through the thread that owns the file. The future's result
-        is the list of rows.
-        """
-        fut: Future = Future()
-        with self._lock:
-            self._queries.append((sql, list(params or []), fut))
-        self._wake.set()
-        return fut
-
     def call(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Future:
         """Run fn(connection) on the writer thread, the ledger attached read-only as the default catalog, after
-        every earlier run's spool has landed; the future holds what it returns."""
+        every earlier run's spool has landed; the future holds what it returns.
+
+        One process must not open the file twice (DuckDB's locks are per process), so the gateway's own
+        reads — budget spend at start — go through the thread that owns the file."""
         fut: Future = Future()
         with self._lock:
-            self._queries.append((fn, [], fut))
+            self._queries.append((fn, fut))
         self._wake.set()
         return fut
 
@@ -883,7 +873,7 @@ class Ledger:
             failure = None
         if not attached:
             if failure is not None:
-                for _sql, _params, fut in queries:
+                for _fn, fut in queries:
                     fut.set_exception(failure)
             else:  # locked by another process: try again next round
                 with self._lock:
@@ -894,12 +884,9 @@ class Ledger:
                 with self._lock:
                     self._queries[:0] = queries
                 return
-            for sql, params, fut in queries:
+            for fn, fut in queries:
                 try:
-                    if callable(sql):
-                        fut.set_result(sql(self._mem))
-                    else:
-                        fut.set_result(self._mem.execute(sql, params).fetchall())  # type: ignore[union-attr]
+                    fut.set_result(fn(self._mem))
                 except Exception as exc:
                     fut.set_exception(exc)
         finally:
