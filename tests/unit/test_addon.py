@@ -257,3 +257,30 @@ def test_a_provider_host_in_capitals_is_still_the_provider(gw):
     g.requestheaders(f)
     assert f.response is not None and f.response.status_code == 401
     assert REAL not in str(f.request.headers)
+
+
+# --- a stream the app stopped reading at its end -----------------------------------------------------------------
+
+_SSE = (b'data: {"id":"c1","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"id":"c1","model":"gpt-4o-mini","choices":[],'
+        b'"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n'
+        b'data: [DONE]\n\n')
+
+
+@pytest.mark.parametrize("sent,outcome", [(_SSE, "ok"), (_SSE[:80], "client_aborted")])
+def test_app_hanging_up_after_the_final_event_is_not_an_abort(budgeted, sent, outcome):
+    """An SDK stops at [DONE]; a full connection pool then closes the socket before the upstream's end of
+    message reaches mitmproxy, which reports "client disconnected": the answer was delivered all the same."""
+    from mitmproxy import flow as mflow
+    g, rows = budgeted("{}")
+    f = _ask(g, _chat("gpt-4o-mini"))
+    f.response = tutils.tresp(content=b"", headers=((b"content-type", b"text/event-stream"),))
+    g.responseheaders(f)
+    f.response.stream(sent)
+    f.error = mflow.Error("Client disconnected.")
+    asyncio.run(g.error(f))
+    (row,) = rows
+    assert row["outcome"] == outcome
+    if outcome == "ok":
+        assert (row["token_source"], row["input_tokens"], row["output_tokens"]) == ("provider", 7, 3)
+        assert "client" not in f.comment.lower()
