@@ -15,10 +15,10 @@ def redactor():
 
 
 @pytest.mark.parametrize("msg", [
-    "auth header Bearer sk-proj-abcdefghijklmnopqrstuvwx",
-    "anthropic sk-ant-api03-abcdefghijklmnopqrstuv",
-    "gemini key=AIzaSyA1234567890abcdefghijklmnopqrstu",
-    "virtual tg-F0T0gWrmjvFtTd4tWF-ZBuBF5ocunrgMX6CHK2ZkeUw",
+    "auth header Bearer sk-proj-FAKE-test-abcdefghijklmnop",
+    "anthropic sk-ant-api03-FAKE-test-abcdefghijklmn",
+    "gemini key=AIzaFAKE-test-gemini-abcdefghij0000000000",
+    "virtual tg-F0T0g-FAKE-test-virtual-key-0000000000",
     "master my-master-secret-value seen",
     "custom plain-real-key-without-prefix in a url",
 ])
