@@ -584,18 +584,13 @@ class Gateway:
         self._redact(flow, ex)
         ex.deadline = None
         msg = flow.error.msg if flow.error else "unknown error"
-        if ex.outcome == "ok" and "client" in msg.lower() and ex.tap is not None and ex.tap.usage.complete:
-            # The provider's final event was relayed and the app hung up before the upstream's end of message
-            # (an SDK stops reading at [DONE] and a full pool closes the socket): the answer was delivered.
-            ex.status_code = flow.response.status_code if flow.response is not None else ex.status_code
-            self._usage_from_tap(ex)
-            if ex.usage is None or ex.usage.source != "provider":
-                await self._estimate(ex)
-            self._finish(flow, ex, flow.error.timestamp if flow.error else None)
-            return
         if ex.outcome == "ok":
-            ex.outcome = "client_aborted" if "client" in msg.lower() else "upstream_error"
-            ex.error = ex.error or msg
+            by_client = "client" in msg.lower()
+            # An app that hangs up after the provider's final event was relayed got the whole answer (an SDK
+            # stops reading at [DONE]; a full pool closes the socket before the upstream's end of message).
+            if not (by_client and ex.tap is not None and ex.tap.usage.complete):
+                ex.outcome = "client_aborted" if by_client else "upstream_error"
+                ex.error = ex.error or msg
             if flow.response is not None:
                 ex.status_code = flow.response.status_code
                 self._usage_from_tap(ex)
